@@ -1,0 +1,136 @@
+"""Reading and loading checkpoints safely.
+
+Checkpoints are untrusted input: pickle files go only through ``torch.load(weights_only=True)``,
+which refuses arbitrary objects, and safetensors files are memory-mapped. Upstream checkpoints
+come in several wrappings (a ``state_dict`` entry, ``module.`` from DataParallel, ``_orig_mod.``
+from torch.compile); all are unwrapped here so that loading itself can be strict.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
+SAFETENSORS_SUFFIXES = (".safetensors",)
+_PREFIXES = ("module.", "_orig_mod.")
+_WRAPPERS = ("state_dict", "params_ema", "model")
+
+
+class CheckpointError(Exception):
+    """A checkpoint could not be read or does not fit the model it was loaded into."""
+
+
+def read_state_dict(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """Read a checkpoint file into a flat ``{key: tensor}`` dict, wrappers and prefixes removed.
+
+    ``.safetensors`` files are memory-mapped; ``.pth/.pt/.ckpt/.bin`` files are unpickled with
+    ``weights_only=True`` only, so a file that carries code is refused, never run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix in SAFETENSORS_SUFFIXES:
+        from safetensors.torch import load_file
+
+        try:
+            raw: object = load_file(str(path), device=str(device))
+        except Exception as exc:  # safetensors raises several types for bad files
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(exc)})") from exc
+    elif suffix in PICKLE_SUFFIXES:
+        try:
+            raw = torch.load(str(path), map_location=device, weights_only=True, mmap=False)
+        except Exception as exc:  # UnpicklingError for forbidden globals, others for corrupt files
+            raise CheckpointError(
+                f"{path}: refused or unreadable checkpoint ({_first_line(exc)}); only plain tensors "
+                "are accepted (weights_only=True)"
+            ) from exc
+    else:
+        raise CheckpointError(
+            f"{path}: unknown checkpoint type {suffix or '(no suffix)'!r}; "
+            f"expected one of {', '.join(SAFETENSORS_SUFFIXES + PICKLE_SUFFIXES)}"
+        )
+    return unwrap_state_dict(raw, source=str(path))
+
+
+def unwrap_state_dict(raw: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Strip a top-level wrapper entry and ``module.``/``_orig_mod.`` key prefixes."""
+    while isinstance(raw, Mapping) and not _is_flat(raw):
+        inner = next((raw[k] for k in _WRAPPERS if k in raw and isinstance(raw[k], Mapping)), None)
+        if inner is None:
+            break
+        raw = inner
+    if not isinstance(raw, Mapping) or not raw:
+        raise CheckpointError(f"{source}: holds no state dict of tensors")
+    out: dict[str, torch.Tensor] = {}
+    for key, value in raw.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        name = str(key)
+        stripped = True
+        while stripped:
+            stripped = False
+            for prefix in _PREFIXES:
+                if name.startswith(prefix):
+                    name = name[len(prefix):]
+                    stripped = True
+        out[name] = value
+    if not out:
+        raise CheckpointError(f"{source}: holds no tensors")
+    return out
+
+
+def _is_flat(raw: Mapping) -> bool:
+    return any(isinstance(v, torch.Tensor) for v in raw.values())
+
+
+def load_into(
+    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "model", shown: int = 5
+) -> None:
+    """Load ``state_dict`` into ``model`` strictly, with an error a person can act on.
+
+    The error names the model and lists a few missing, unexpected and wrongly shaped keys, then
+    their counts, instead of torch's wall of text.
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    wrong_shape = [
+        f"{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(expected[k].shape)})"
+        for k in expected
+        if k in state_dict and tuple(state_dict[k].shape) != tuple(expected[k].shape)
+    ]
+    if missing or unexpected or wrong_shape:
+        parts = []
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong_shape)):
+            if keys:
+                more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
+                parts.append(f"{len(keys)} {label}: {', '.join(keys[:shown])}{more}")
+        raise CheckpointError(
+            f"checkpoint does not fit {name} ({'; '.join(parts)}); is it the right model or autoencoder?"
+        )
+    model.load_state_dict(dict(state_dict), strict=True)
+
+
+def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
+    """Write ``state_dict`` as safetensors atomically (temporary file, then rename)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
