@@ -24,7 +24,9 @@ class CheckpointError(Exception):
     """A checkpoint could not be read or does not fit the model it was loaded into."""
 
 
-def read_state_dict(path: str | os.PathLike[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def read_state_dict(
+    path: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """Read a checkpoint file into a flat ``{key: tensor}`` dict, wrappers and prefixes removed.
 
     ``.safetensors`` files are memory-mapped; ``.pth/.pt/.ckpt/.bin`` files are unpickled with
@@ -106,7 +108,8 @@ def load_into(
     ]
     if missing or unexpected or wrong_shape:
         parts = []
-        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong_shape)):
+        groups = (("missing", missing), ("unexpected", unexpected), ("wrongly shaped", wrong_shape))
+        for label, keys in groups:
             if keys:
                 more = f", ... ({len(keys) - shown} more)" if len(keys) > shown else ""
                 parts.append(f"{len(keys)} {label}: {', '.join(keys[:shown])}{more}")

@@ -1,0 +1,345 @@
+"""The residual-shifting diffusion: schedule, forward process, reverse sampler and training loss.
+
+q(x_t | x0, y0) = N(x0 + eta_t (y0 - x0), kappa^2 eta_t I), with sqrt(eta_t) growing
+exponentially (shaped by a power p) from min(min_noise_level / kappa, min_noise_level) to
+etas_end. Sampling starts at x_T = y0 + kappa sqrt(eta_T) noise and walks back with the Gaussian
+posterior q(x_{t-1} | x_t, x0), where x0 is the network's prediction. The schedule is held in
+float64 numpy as upstream, and gathered into tensors of the caller's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+Denoiser = Callable[..., torch.Tensor]
+
+
+def exponential_sqrt_etas(
+    steps: int, min_noise_level: float, etas_end: float, kappa: float, power: float
+) -> np.ndarray:
+    """sqrt(eta_t) for t = 0..steps-1: exponential from the start level to ``etas_end``."""
+    start = min(min_noise_level / kappa, min_noise_level)
+    if steps == 1:
+        return np.array([start], dtype=np.float64)
+    increaser = math.exp(1 / (steps - 1) * math.log(etas_end / start))
+    base = np.ones([steps]) * increaser
+    power_timestep = np.linspace(0, 1, steps, endpoint=True) ** power * (steps - 1)
+    return np.power(base, power_timestep) * start
+
+
+def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int] | None) -> list[int]:
+    """Which of the original timesteps a respaced (shorter) chain keeps, as upstream's respacing."""
+    if section_counts is None:
+        return list(range(num_timesteps))
+    if isinstance(section_counts, str):
+        if section_counts.startswith("ddim"):
+            desired = int(section_counts[len("ddim"):])
+            for stride in range(1, num_timesteps):
+                if len(range(0, num_timesteps, stride)) == desired:
+                    return list(range(0, num_timesteps, stride))
+            raise ValueError(f"cannot create exactly {desired} steps with an integer stride")
+        section_counts = [int(x) for x in section_counts.split(",")]
+    if isinstance(section_counts, int):
+        section_counts = [section_counts]
+    size_per = num_timesteps // len(section_counts)
+    extra = num_timesteps % len(section_counts)
+    start = 0
+    kept: list[int] = []
+    for i, count in enumerate(section_counts):
+        size = size_per + (1 if i < extra else 0)
+        if size < count:
+            raise ValueError(f"cannot divide a section of {size} steps into {count}")
+        frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0
+        for _ in range(count):
+            kept.append(start + round(cur))
+            cur += frac_stride
+        start += size
+    return sorted(set(kept))
+
+
+@dataclass(frozen=True)
+class StepOutput:
+    """One reverse step: the new sample, the posterior mean and the predicted x0."""
+
+    sample: torch.Tensor
+    mean: torch.Tensor
+    pred_xstart: torch.Tensor
+
+
+class ResShiftDiffusion:
+    """The ResShift diffusion, built from upstream's ``diffusion_params`` names.
+
+    ``timestep_respacing`` shortens a long chain as upstream does; ``timestep_map`` then gives the
+    original timestep the network is called with at each step of the shorter chain.
+    """
+
+    def __init__(
+        self,
+        *,
+        sf: int = 4,
+        schedule_name: str = "exponential",
+        schedule_kwargs: Mapping[str, Any] | None = None,
+        etas_end: float = 0.99,
+        steps: int = 4,
+        min_noise_level: float = 0.2,
+        kappa: float = 2.0,
+        weighted_mse: bool = False,
+        predict_type: str = "xstart",
+        timestep_respacing: int | str | Sequence[int] | None = None,
+        scale_factor: float = 1.0,
+        normalize_input: bool = True,
+        latent_flag: bool = True,
+    ) -> None:
+        if schedule_name != "exponential":
+            raise ValueError(f"unsupported schedule {schedule_name!r}; only 'exponential' is published")
+        if predict_type not in ("xstart", "epsilon", "residual"):
+            raise ValueError(f"unsupported predict_type {predict_type!r}; use xstart, epsilon or residual")
+        power = float((schedule_kwargs or {}).get("power", 0.3))
+        self.sf = sf
+        self.kappa = float(kappa)
+        self.weighted_mse = weighted_mse
+        self.predict_type = predict_type
+        self.scale_factor = scale_factor
+        self.normalize_input = normalize_input
+        self.latent_flag = latent_flag
+        base = exponential_sqrt_etas(steps, min_noise_level, etas_end, self.kappa, power)
+        kept = space_timesteps(steps, timestep_respacing)
+        # Respacing keeps a subset of the etas; the chain's jumps follow from the kept values.
+        self.timestep_map = np.asarray(kept, dtype=np.int64)
+        self._set_schedule(base[kept])
+
+    def _set_schedule(self, sqrt_etas: np.ndarray) -> None:
+        kappa = self.kappa
+        self.sqrt_etas = np.asarray(sqrt_etas, dtype=np.float64)
+        self.etas = self.sqrt_etas**2
+        self.num_timesteps = int(self.etas.shape[0])
+        self.etas_prev = np.append(0.0, self.etas[:-1])
+        self.alpha = self.etas - self.etas_prev
+        self.posterior_variance = kappa**2 * self.etas_prev / self.etas * self.alpha
+        self.posterior_variance_clipped = np.append(self.posterior_variance[1], self.posterior_variance[1:])
+        self.posterior_log_variance_clipped = np.log(self.posterior_variance_clipped)
+        self.posterior_mean_coef1 = self.etas_prev / self.etas
+        self.posterior_mean_coef2 = self.alpha / self.etas
+        if self.predict_type != "epsilon":
+            self.weight_loss_mse = 0.5 / self.posterior_variance_clipped * (self.alpha / self.etas) ** 2
+        else:
+            self.weight_loss_mse = (
+                0.5
+                / self.posterior_variance_clipped
+                * (kappa * self.alpha / ((1 - self.etas) * self.sqrt_etas)) ** 2
+            )
+
+    @staticmethod
+    def _gather(values: np.ndarray, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """values[t] as a tensor broadcastable against ``like`` (batch first), in its dtype."""
+        out = torch.from_numpy(values).to(device=t.device)[t].to(like.dtype)
+        return out.view(-1, *([1] * (like.dim() - 1)))
+
+    # ----- forward process -------------------------------------------------------------------
+    def q_sample(
+        self, x_start: torch.Tensor, y: torch.Tensor, t: torch.Tensor, noise: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Draw x_t ~ q(x_t | x0, y0) = N(x0 + eta_t (y0 - x0), kappa^2 eta_t I)."""
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        eta = self._gather(self.etas, t, x_start)
+        sqrt_eta = self._gather(self.sqrt_etas, t, x_start)
+        return x_start + eta * (y - x_start) + sqrt_eta * self.kappa * noise
+
+    def prior_sample(self, y: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x_T = y + kappa sqrt(eta_T) noise: where the reverse chain starts."""
+        t = torch.full((y.shape[0],), self.num_timesteps - 1, dtype=torch.long, device=y.device)
+        return y + self._gather(self.sqrt_etas, t, y) * self.kappa * noise
+
+    def q_posterior_mean(self, x_start: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Mean of q(x_{t-1} | x_t, x0)."""
+        return (
+            self._gather(self.posterior_mean_coef1, t, x_t) * x_t
+            + self._gather(self.posterior_mean_coef2, t, x_t) * x_start
+        )
+
+    def scale_input(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """Normalise x_t to roughly unit variance before the network, as upstream."""
+        if not self.normalize_input:
+            return x
+        if self.latent_flag:
+            std = torch.sqrt(self._gather(self.etas, t, x) * self.kappa**2 + 1)
+            return x / std
+        inputs_max = self._gather(self.sqrt_etas, t, x) * self.kappa * 3 + 1
+        return x / inputs_max
+
+    def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
+        """The timesteps the network was trained with (differs from t after respacing)."""
+        return torch.from_numpy(self.timestep_map).to(t.device)[t]
+
+    def predict_xstart(
+        self, model_output: torch.Tensor, x_t: torch.Tensor, y: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
+        """Turn the network's output into a prediction of x0, whatever it was trained to predict."""
+        if self.predict_type == "xstart":
+            return model_output
+        if self.predict_type == "residual":
+            return y - model_output
+        # epsilon: x_t = x0 + eta (y - x0) + kappa sqrt(eta) eps, solved for x0.
+        sqrt_eta = self._gather(self.sqrt_etas, t, x_t)
+        eta = self._gather(self.etas, t, x_t)
+        return (x_t - eta * y - self.kappa * sqrt_eta * model_output) / (1 - eta)
+
+    # ----- reverse process -------------------------------------------------------------------
+    def p_step(
+        self,
+        model: Denoiser,
+        x_t: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        model_kwargs: Mapping[str, Any] | None = None,
+        clip_denoised: bool = False,
+    ) -> StepOutput:
+        """One reverse step x_t -> x_{t-1}: predict x0, take the posterior mean, add noise if t > 0."""
+        output = model(self.scale_input(x_t, t), self.model_timesteps(t), **(model_kwargs or {}))
+        pred_xstart = self.predict_xstart(output.to(x_t.dtype), x_t, y, t)
+        if clip_denoised:
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        mean = self.q_posterior_mean(pred_xstart, x_t, t)
+        std = torch.exp(0.5 * self._gather(self.posterior_log_variance_clipped, t, x_t))
+        nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
+        return StepOutput(sample=mean + nonzero * std * noise, mean=mean, pred_xstart=pred_xstart)
+
+    def p_sample_loop_progressive(
+        self,
+        model: Denoiser,
+        y: torch.Tensor,
+        noise: Iterator[torch.Tensor],
+        model_kwargs: Mapping[str, Any] | None = None,
+        clip_denoised: bool = False,
+    ) -> Iterator[StepOutput]:
+        """Run the reverse chain from the prior over ``y`` (already in diffusion space).
+
+        ``noise`` yields the draws in upstream's order: the prior draw, then one per step
+        (the last drawn but unused, since no noise is added at t = 0).
+        """
+        x = self.prior_sample(y, next(noise))
+        for i in reversed(range(self.num_timesteps)):
+            t = torch.full((y.shape[0],), i, dtype=torch.long, device=y.device)
+            out = self.p_step(model, x, y, t, next(noise), model_kwargs, clip_denoised)
+            x = out.sample
+            yield out
+
+    # ----- latent space ----------------------------------------------------------------------
+    def upsample(self, lq: torch.Tensor) -> torch.Tensor:
+        """Bicubic upsampling by ``sf`` (align_corners False, no antialias), as upstream."""
+        if self.sf == 1:
+            return lq
+        return F.interpolate(lq, scale_factor=self.sf, mode="bicubic")
+
+    def encode(self, image: torch.Tensor, autoencoder: torch.nn.Module | None) -> torch.Tensor:
+        """Image -> diffusion space (latent times scale_factor), or the image itself in pixel space."""
+        if autoencoder is None:
+            return image
+        param = next(autoencoder.parameters())
+        z = autoencoder.encode(image.to(param.dtype))
+        return (z * self.scale_factor).to(image.dtype)
+
+    def decode(self, z: torch.Tensor, autoencoder: torch.nn.Module | None) -> torch.Tensor:
+        """Diffusion space -> image (not clamped)."""
+        if autoencoder is None:
+            return z
+        param = next(autoencoder.parameters())
+        return autoencoder.decode((z / self.scale_factor).to(param.dtype)).to(z.dtype)
+
+    def sample_latent(
+        self,
+        lq: torch.Tensor,
+        unet: Denoiser,
+        autoencoder: torch.nn.Module | None,
+        *,
+        mask: torch.Tensor | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Upsample and encode ``lq``, then run the reverse chain; returns the final latent.
+
+        ``noise`` gives the draws in the order documented by upstream's reference data (prior
+        first, then one per step); otherwise they come from ``generator``. For inpainting,
+        ``mask`` (N x 1 x H x W, +1 = hole, -1 = keep) conditions the network.
+        """
+        z_y = self.encode(self.upsample(lq), autoencoder)
+        draws = iter(noise) if noise is not None else _gaussian_draws(z_y, generator)
+        kwargs: dict[str, Any] = {"lq": lq}
+        if mask is not None:
+            kwargs["mask"] = mask
+        x = z_y
+        chain = self.p_sample_loop_progressive(unet, z_y, draws, kwargs, clip_denoised=autoencoder is None)
+        for k, out in enumerate(chain, start=1):
+            x = out.sample
+            if on_step is not None:
+                on_step(k, self.num_timesteps)
+        return x
+
+    def sample(
+        self,
+        lq: torch.Tensor,
+        unet: Denoiser,
+        autoencoder: torch.nn.Module | None,
+        *,
+        mask: torch.Tensor | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+    ) -> torch.Tensor:
+        """Restore ``lq`` (N x 3 x H x W in [-1, 1]): upsample, encode, reverse chain, decode.
+
+        The result is not clamped; arguments as :meth:`sample_latent`.
+        """
+        latent = self.sample_latent(
+            lq, unet, autoencoder, mask=mask, noise=noise, generator=generator, on_step=on_step
+        )
+        return self.decode(latent, autoencoder)
+
+    # ----- training --------------------------------------------------------------------------
+    def training_loss(
+        self,
+        model: Denoiser,
+        x_start: torch.Tensor,
+        y: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor | None = None,
+        model_kwargs: Mapping[str, Any] | None = None,
+    ) -> torch.Tensor:
+        """Per-sample MSE between the network's target and output at x_t ~ q(x_t | x0, y0).
+
+        ``x_start`` and ``y`` are in diffusion space (latents, or pixels for a pixel-space model).
+        With ``weighted_mse`` the loss is weighted per timestep as upstream's ELBO weights.
+        """
+        if noise is None:
+            noise = torch.randn_like(x_start)
+        x_t = self.q_sample(x_start, y, t, noise)
+        output = model(self.scale_input(x_t, t), self.model_timesteps(t), **(model_kwargs or {}))
+        if self.predict_type == "xstart":
+            target = x_start
+        elif self.predict_type == "residual":
+            target = y - x_start
+        else:
+            target = noise
+        mse = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        if self.weighted_mse:
+            mse = mse * self._gather(self.weight_loss_mse, t, mse).view(-1)
+        return mse
+
+
+def _gaussian_draws(like: torch.Tensor, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
+    """An endless stream of standard-normal tensors shaped like ``like``."""
+    while True:
+        yield torch.randn(
+            like.shape, generator=generator, device=like.device, dtype=like.dtype
+        )

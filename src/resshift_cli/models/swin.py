@@ -1,0 +1,219 @@
+"""Swin-transformer window attention over (B, C, H, W) feature maps, as used inside upstream's UNet.
+
+Upstream's variant keeps feature maps 4-D: group-normalised, a 1x1-convolution MLP, and window
+attention on the partitioned map. Shifted-window masks are computed for the actual input size
+(and cached), so any size divisible by the window works, not only the configured one.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from resshift_cli.models.layers import normalization
+
+
+def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * H/window * W/window, window * window, C)."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window, window, w // window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, c)
+
+
+def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, window * window, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    b = windows.shape[0] // ((h // window) * (w // window))
+    x = windows.view(b, h // window, w // window, window, window, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+def shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    """Additive attention mask (nW, N, N) that keeps shifted windows from mixing wrapped regions."""
+    img = torch.zeros((1, h, w, 1))
+    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    count = 0
+    for hs in slices:
+        for ws in slices:
+            img[:, hs, ws, :] = count
+            count += 1
+    windows = window_partition(img, window).squeeze(-1)
+    mask = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
+
+
+def relative_position_index(window: int) -> torch.Tensor:
+    """Index into the relative-position bias table for every pair of positions in a window."""
+    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    flat = coords.flatten(1)
+    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
+    rel[:, :, 0] += window - 1
+    rel[:, :, 1] += window - 1
+    rel[:, :, 0] *= 2 * window - 1
+    return rel.sum(-1)
+
+
+class WindowAttention(nn.Module):
+    """Multi-head self-attention inside windows, with a learned relative-position bias."""
+
+    def __init__(self, dim: int, window: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        self.window = window
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+        self.register_buffer("relative_position_index", relative_position_index(window))
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def position_bias(self) -> torch.Tensor:
+        """The relative-position bias gathered for one window: (heads, N, N)."""
+        n = self.window * self.window
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
+        return bias.view(n, n, -1).permute(2, 0, 1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x: (B * nW, N, C); mask: (nW, N, N) additive, or None."""
+        bw, n, c = x.shape
+        qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        bias = self.position_bias().to(q.dtype).unsqueeze(0)
+        if mask is not None:
+            nw = mask.shape[0]
+            bias = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1).unsqueeze(0))
+            bias = bias.expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        return self.proj(out.transpose(1, 2).reshape(bw, n, c))
+
+
+class Mlp(nn.Module):
+    """Two 1x1 convolutions with GELU between: the transformer's feed-forward on 4-D maps."""
+
+    def __init__(self, in_features: int, hidden_features: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Conv2d(in_features, hidden_features, 1)
+        self.act = nn.GELU()
+        self.fc2 = nn.Conv2d(hidden_features, in_features, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SwinTransformerBlock(nn.Module):
+    """One (shifted) window-attention block with its MLP, on (B, C, H, W) maps."""
+
+    def __init__(
+        self, dim: int, resolution: int, num_heads: int, window: int, shift: int, mlp_ratio: float
+    ) -> None:
+        super().__init__()
+        if resolution <= window:
+            # Upstream: a window as large as the map; no shifting.
+            window, shift = resolution, 0
+        self.window = window
+        self.shift = shift
+        self.resolution = resolution
+        self.norm1 = normalization(dim)
+        self.attn = WindowAttention(dim, window, num_heads)
+        self.norm2 = normalization(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if shift > 0:
+            self.register_buffer("attn_mask", shifted_window_mask(resolution, resolution, window, shift))
+        else:
+            self.attn_mask = None
+        self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+
+    def mask_for(self, h: int, w: int, device: torch.device) -> torch.Tensor | None:
+        """The shifted-window mask for an (h, w) map: the stored one at the configured size."""
+        if self.shift == 0:
+            return None
+        if (h, w) == (self.resolution, self.resolution) and self.attn_mask is not None:
+            return self.attn_mask
+        key = (h, w, device)
+        if key not in self._masks:
+            self._masks[key] = shifted_window_mask(h, w, self.window, self.shift).to(device)
+        return self._masks[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h % self.window or w % self.window:
+            raise ValueError(
+                f"feature map {h}x{w} is not divisible by the attention window {self.window}; "
+                "pad the input to the model's size multiple"
+            )
+        shortcut = x
+        y = self.norm1(x).permute(0, 2, 3, 1)
+        if self.shift:
+            y = torch.roll(y, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        windows = self.attn(window_partition(y, self.window), mask=self.mask_for(h, w, x.device))
+        y = window_reverse(windows, self.window, h, w)
+        if self.shift:
+            y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = shortcut + y.permute(0, 3, 1, 2)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Project the UNet's channels to the transformer width (1x1 patches)."""
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int = 1, patch_norm: bool = False) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.norm = normalization(embed_dim) if patch_norm else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(x)
+        return self.norm(x) if self.norm is not None else x
+
+
+class PatchUnEmbed(nn.Module):
+    """Project the transformer width back to the UNet's channels."""
+
+    def __init__(self, in_chans: int, embed_dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(embed_dim, in_chans, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class BasicLayer(nn.Module):
+    """A stack of Swin blocks, alternating plain and shifted windows, between embed and unembed."""
+
+    def __init__(
+        self,
+        in_chans: int,
+        embed_dim: int,
+        num_heads: int,
+        window_size: int,
+        depth: int,
+        img_size: int,
+        mlp_ratio: float = 4.0,
+        patch_norm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.patch_embed = PatchEmbed(in_chans, embed_dim, patch_norm=patch_norm)
+        self.blocks = nn.ModuleList(
+            SwinTransformerBlock(
+                embed_dim,
+                img_size,
+                num_heads,
+                window_size,
+                shift=0 if i % 2 == 0 else window_size // 2,
+                mlp_ratio=mlp_ratio,
+            )
+            for i in range(depth)
+        )
+        self.patch_unembed = PatchUnEmbed(in_chans, embed_dim)
+
+    @property
+    def window(self) -> int:
+        """The effective attention window (the map size where it is smaller than the configured one)."""
+        return max(block.window for block in self.blocks)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.patch_unembed(x)
