@@ -30,15 +30,18 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
 
 
 def shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
-    """Additive attention mask (nW, N, N) that keeps shifted windows from mixing wrapped regions."""
-    img = torch.zeros((1, h, w, 1))
-    slices = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
-    count = 0
-    for hs in slices:
-        for ws in slices:
-            img[:, hs, ws, :] = count
-            count += 1
-    windows = window_partition(img, window).squeeze(-1)
+    """Additive attention mask (nW, N, N) for shifted windows, exactly as upstream builds it.
+
+    Upstream's mask is not the Swin paper's: in the published checkpoints' buffers only the
+    last row of windows is split, into in-window columns left and right of ``window - shift``,
+    and no other window is masked. That is what a region label taken from the row index
+    ``(i // window) * window + j % window`` gives; it reproduces upstream's stored buffers
+    exactly (see the tests). For maps of other shapes the same rule is applied.
+    """
+    rows = torch.arange(h) // window * window
+    coord = rows[:, None] + (torch.arange(w) % window)[None, :]
+    label = (coord >= h - window).long() + (coord >= h - shift).long()
+    windows = window_partition(label[None, :, :, None].float(), window).squeeze(-1)
     mask = windows.unsqueeze(1) - windows.unsqueeze(2)
     return mask.masked_fill(mask != 0, -100.0).masked_fill(mask == 0, 0.0)
 
