@@ -1,0 +1,1 @@
+"""Restoration pipelines: tiling, and the tasks (super-resolution, inpainting, faces) built on it."""
