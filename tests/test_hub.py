@@ -1,0 +1,571 @@
+"""Resolving weights: local files, the Hugging Face cache, hub and URL downloads, conversion.
+
+Everything runs against ``hubserver.HubServer`` on 127.0.0.1. huggingface_hub reads its settings
+(HF_HOME, HF_HUB_CACHE, HF_ENDPOINT, HF_HUB_OFFLINE) into ``huggingface_hub.constants`` at import
+time, so in-process tests patch those constants as well as the environment; the subprocess tests
+set only the environment, the way the CLI runs.
+"""
+
+from __future__ import annotations
+
+import builtins
+import hashlib
+import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hubserver import HubServer
+from huggingface_hub import constants
+from safetensors.torch import load_file, save_file
+
+from resshift_cli import hub
+from resshift_cli.hub import (
+    ChecksumError,
+    DownloadError,
+    WeightsError,
+    WeightsNotCachedError,
+    cached_path,
+    convert,
+    fetch,
+    resolve_model,
+    verify,
+)
+from resshift_cli.registry import Registry, load_registry
+
+REPO = "test-org/weights"
+
+
+def state_dict(seed: int) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return {"conv.weight": torch.randn(4, 3, 3, 3, generator=gen), "conv.bias": torch.randn(4, generator=gen)}
+
+
+def safetensors_bytes(tmp_path: Path, seed: int) -> bytes:
+    path = tmp_path / f"st-{seed}.safetensors"
+    save_file(state_dict(seed), str(path))
+    return path.read_bytes()
+
+
+def pickle_bytes(tmp_path: Path, seed: int) -> bytes:
+    """An upstream-style checkpoint: a ``state_dict`` wrapper and ``module.`` prefixes."""
+    path = tmp_path / f"pt-{seed}.pth"
+    torch.save({"state_dict": {f"module.{k}": v for k, v in state_dict(seed).items()}}, str(path))
+    return path.read_bytes()
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def make_registry(tmp_path: Path, url: str, model: str = "", autoencoder: str = "") -> Path:
+    """A registry file with model ``tiny`` (unet.safetensors) and autoencoder ``tiny-ae`` (ae.pth),
+    both on the hub repo and at upstream URLs; ``model``/``autoencoder`` add keys to the entries."""
+    text = f"""
+[models.tiny]
+task = "sr"
+scale = 4
+steps = 4
+autoencoder = "tiny-ae"
+repo_id = "{REPO}"
+filename = "unet.safetensors"
+url = "{url}/releases/unet.safetensors"
+{model}
+
+[models.tiny.unet]
+model_channels = 4
+
+[models.tiny.diffusion]
+sf = 4
+steps = 4
+
+[autoencoders.tiny-ae]
+embed_dim = 3
+n_embed = 8
+repo_id = "{REPO}"
+filename = "ae.pth"
+url = "{url}/releases/ae.pth"
+{autoencoder}
+
+[autoencoders.tiny-ae.ddconfig]
+z_channels = 3
+"""
+    path = tmp_path / "registry.toml"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture
+def server() -> Iterator[HubServer]:
+    with HubServer() as running:
+        yield running
+
+
+@pytest.fixture
+def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: HubServer) -> Path:
+    """A fresh HF_HOME and the local server as HF_ENDPOINT, in the environment and in
+    huggingface_hub's import-time constants."""
+    home = tmp_path / "hf-home"
+    for var in (
+        "HF_HUB_CACHE",
+        "HUGGINGFACE_HUB_CACHE",
+        "HF_HUB_OFFLINE",
+        "TRANSFORMERS_OFFLINE",
+        "HF_TOKEN",
+    ):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    set_endpoint(monkeypatch, server.url)
+    monkeypatch.setattr(constants, "HF_HOME", str(home))
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    return home
+
+
+def set_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setattr(constants, "ENDPOINT", url)
+    monkeypatch.setattr(
+        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
+    )
+
+
+def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+
+
+def publish(server: HubServer, tmp_path: Path, hub: bool = True, url: bool = True) -> tuple[bytes, bytes]:
+    """Put tiny's unet (safetensors) and tiny-ae (pickle) on the hub repo and/or the release URLs."""
+    unet, ae = safetensors_bytes(tmp_path, 1), pickle_bytes(tmp_path, 2)
+    server.add_repo(REPO)
+    if hub:
+        server.add_hub_file(REPO, "unet.safetensors", unet)
+        server.add_hub_file(REPO, "ae.pth", ae)
+    if url:
+        server.add_file("/releases/unet.safetensors", unet)
+        server.add_file("/releases/ae.pth", ae)
+    return unet, ae
+
+
+def registry_for(tmp_path: Path, url: str, model: str = "", autoencoder: str = "") -> Registry:
+    return load_registry(make_registry(tmp_path, url, model, autoencoder), env={})
+
+
+def resolve(registry: Registry, **kwargs: object) -> hub.ResolvedWeights:
+    return resolve_model(registry.model("tiny"), registry, quiet=True, **kwargs)  # type: ignore[arg-type]
+
+
+def assert_tensors(path: Path, seed: int) -> None:
+    loaded = load_file(str(path))
+    expected = state_dict(seed)
+    assert sorted(loaded) == sorted(expected)
+    for key, value in expected.items():
+        assert torch.equal(loaded[key], value)
+
+
+def refuse_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_load(*args: object, **kwargs: object) -> None:
+        raise AssertionError("torch.load called: a pickle was read again")
+
+    monkeypatch.setattr(torch, "load", no_load)
+
+
+def test_explicit_files_win_and_touch_no_network(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    registry = registry_for(tmp_path, server.url)
+    unet = tmp_path / "mine.safetensors"
+    unet.write_bytes(safetensors_bytes(tmp_path, 5))
+    ae = tmp_path / "ae.safetensors"
+    ae.write_bytes(safetensors_bytes(tmp_path, 6))
+    assert resolve(registry, checkpoint=unet, autoencoder=ae) == hub.ResolvedWeights(unet, ae)
+    assert server.requests == []
+    with pytest.raises(WeightsError) as exc:
+        resolve(registry, checkpoint=tmp_path / "missing.safetensors", autoencoder=ae)
+    assert str(exc.value) == f"model file not found: {tmp_path / 'missing.safetensors'}"
+
+
+def test_registry_path_is_used_as_is(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "unet.safetensors").write_bytes(safetensors_bytes(tmp_path, 1))
+    (tmp_path / "w" / "ae.safetensors").write_bytes(safetensors_bytes(tmp_path, 2))
+    registry = registry_for(
+        tmp_path, server.url, model='path = "w/unet.safetensors"', autoencoder='path = "w/ae.safetensors"'
+    )
+    resolved = resolve(registry)
+    assert resolved == hub.ResolvedWeights(
+        tmp_path / "w" / "unet.safetensors", tmp_path / "w" / "ae.safetensors"
+    )
+    assert server.requests == []
+    assert cached_path("tiny", registry) == tmp_path / "w" / "unet.safetensors"
+
+
+def test_hub_download_then_offline_from_the_cache(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unet, ae = publish(server, tmp_path, url=False)
+    registry = registry_for(tmp_path, server.url)
+    resolved = resolve(registry)
+    assert resolved.unet_path.is_relative_to(hf_home / "hub" / "models--test-org--weights" / "snapshots")
+    assert resolved.unet_path.read_bytes() == unet
+    assert_tensors(resolved.unet_path, 1)
+    # The pickle was converted; the converted file holds the unwrapped tensors.
+    assert (
+        resolved.autoencoder_path
+        == hf_home / "resshift" / "converted" / f"tiny-ae-{sha256(ae)[:16]}.safetensors"
+    )
+    assert_tensors(resolved.autoencoder_path, 2)
+    paths = {r.path for r in server.requests}
+    assert f"/{REPO}/resolve/main/unet.safetensors" in paths and server.cdn_path(unet) in paths
+
+    server.requests.clear()
+    go_offline(monkeypatch)
+    set_endpoint(monkeypatch, "http://127.0.0.1:9")  # nothing listens there
+    assert resolve(registry) == resolved
+    assert server.requests == []
+
+
+def test_url_fallback_with_progress_and_sha256(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    unet, ae = publish(server, tmp_path, hub=False)
+    registry = registry_for(
+        tmp_path, server.url, model=f'sha256 = "{sha256(unet)}"', autoencoder=f'sha256 = "{sha256(ae)}"'
+    )
+    calls: list[tuple[str, int, int | None]] = []
+    resolved = resolve_model(registry.model("tiny"), registry, progress=lambda *a: calls.append(a))
+    expected = hub._download_path(f"{server.url}/releases/unet.safetensors")
+    assert resolved.unet_path == expected and expected.read_bytes() == unet
+    assert not expected.with_name("unet.safetensors.part").exists()
+    assert_tensors(resolved.autoencoder_path, 2)  # type: ignore[arg-type]
+    # The hub was asked first and answered 404, then the URL was used.
+    assert [r.path for r in server.requests[:1]] == [f"/{REPO}/resolve/main/unet.safetensors"]
+    assert calls[-1][0] == "tiny-ae" and calls[-1][1] == calls[-1][2] == len(ae)
+    unet_calls = [c for c in calls if c[0] == "tiny"]
+    assert unet_calls[-1][1:] == (len(unet), len(unet))
+    assert all(b[1] >= a[1] for a, b in itertools.pairwise(unet_calls))
+
+
+def test_hub_download_reports_progress(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    unet, ae = publish(server, tmp_path, url=False)
+    registry = registry_for(tmp_path, server.url)
+    calls: list[tuple[str, int, int | None]] = []
+    fetch("tiny", registry, progress=lambda *a: calls.append(a))
+    assert ("tiny", len(unet), len(unet)) in calls and ("tiny-ae", len(ae), len(ae)) in calls
+
+
+def test_token_goes_to_the_hub_only(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """HF_TOKEN is read by huggingface_hub at call time and never sent to the upstream URL."""
+    publish(server, tmp_path)
+    server.repos[REPO].pop("ae.pth")
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
+    fetch("tiny", registry_for(tmp_path, server.url), quiet=True)
+    hub_requests = [r for r in server.requests if "/resolve/" in r.path]
+    url_requests = [r for r in server.requests if r.path.startswith("/releases/")]
+    assert hub_requests and all(r.authorization == "Bearer hf_secret" for r in hub_requests)
+    assert [r.path for r in url_requests] == ["/releases/ae.pth"] and url_requests[0].authorization is None
+
+
+def test_default_progress_bar_and_quiet(
+    tmp_path: Path, server: HubServer, hf_home: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url)
+    fetch("tiny-ae", registry, quiet=True)
+    assert capfd.readouterr().err == ""
+    fetch("tiny", registry)
+    assert "tiny" in capfd.readouterr().err  # the tqdm bar, on stderr
+
+
+def test_interrupted_download_leaves_no_complete_file_and_resumes(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    unet, _ = publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=f'sha256 = "{sha256(unet)}"')
+    server.cut.add("/releases/unet.safetensors")
+    with pytest.raises(DownloadError) as exc:
+        fetch("tiny", registry, quiet=True)
+    assert "cut off" in str(exc.value) and "run again to resume" in str(exc.value)
+    final = hub._download_path(f"{server.url}/releases/unet.safetensors")
+    part = final.with_name(final.name + ".part")
+    assert not final.exists() and cached_path("tiny", registry) is None
+    assert 0 < part.stat().st_size < len(unet)
+    half = part.stat().st_size
+
+    server.cut.clear()
+    server.requests.clear()
+    assert fetch("tiny", registry, quiet=True)["tiny"] == final
+    assert final.read_bytes() == unet and not part.exists()
+    assert [r.range for r in server.requests if r.path == "/releases/unet.safetensors"] == [f"bytes={half}-"]
+
+
+def test_complete_part_file_is_finished_without_download(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    unet, _ = publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url)
+    final = hub._download_path(f"{server.url}/releases/unet.safetensors")
+    final.parent.mkdir(parents=True)
+    final.with_name(final.name + ".part").write_bytes(unet)
+    assert fetch("tiny", registry, quiet=True)["tiny"] == final
+    assert final.read_bytes() == unet
+
+
+def test_sha256_mismatch_of_a_download_is_refused_and_removed(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=f'sha256 = "{"0" * 64}"')
+    with pytest.raises(ChecksumError) as exc:
+        fetch("tiny", registry, quiet=True)
+    message = str(exc.value)
+    assert "\n" not in message and "deleted" in message and "0" * 64 in message
+    final = hub._download_path(f"{server.url}/releases/unet.safetensors")
+    assert not final.exists() and not final.with_name(final.name + ".part").exists()
+
+
+def test_sha256_mismatch_of_a_hub_file_is_refused_and_removed(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    publish(server, tmp_path, url=False)
+    registry = registry_for(tmp_path, server.url, model=f'sha256 = "{"0" * 64}"')
+    with pytest.raises(ChecksumError, match="deleted the cached copy"):
+        fetch("tiny", registry, quiet=True)
+    repo = hf_home / "hub" / "models--test-org--weights"
+    assert not list((repo / "snapshots").rglob("unet.safetensors"))
+    assert sorted(p.name for p in (repo / "blobs").iterdir()) == []  # ae.pth comes after the model
+    assert cached_path("tiny", registry) is None
+
+
+def test_corrupted_cached_file_is_refused_and_removed(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    unet, _ = publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=f'sha256 = "{sha256(unet)}"')
+    path = fetch("tiny", registry, quiet=True)["tiny"]
+    path.write_bytes(unet[:-1] + b"x")
+    with pytest.raises(ChecksumError, match="deleted the cached copy"):
+        resolve(registry)
+    assert not path.exists()
+    assert resolve(registry).unet_path.read_bytes() == unet  # downloaded again
+
+
+def test_offline_and_not_cached_is_one_line(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path)
+    registry = registry_for(tmp_path, server.url)
+    go_offline(monkeypatch)
+    with pytest.raises(WeightsNotCachedError) as exc:
+        resolve(registry)
+    assert str(exc.value) == (
+        "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
+        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH"
+    )
+    unet = tmp_path / "u.safetensors"
+    unet.write_bytes(safetensors_bytes(tmp_path, 1))
+    with pytest.raises(
+        WeightsNotCachedError, match=r"^autoencoder 'tiny-ae' is not in the cache .* --autoencoder PATH$"
+    ):
+        resolve(registry, checkpoint=unet)
+    assert server.requests == []
+
+
+def test_unreachable_network_is_one_line(
+    tmp_path: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    set_endpoint(monkeypatch, dead)
+    registry = registry_for(tmp_path, dead)
+    with pytest.raises(WeightsNotCachedError) as exc:
+        fetch("tiny", registry, quiet=True)
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith("model 'tiny' is not in the cache and the hub is unreachable (hub: ")
+    assert message.endswith(
+        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH"
+    )
+
+
+def test_missing_everywhere_names_each_source(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    registry = registry_for(tmp_path, server.url)
+    with pytest.raises(DownloadError) as exc:
+        fetch("tiny", registry, quiet=True)
+    assert str(exc.value) == (
+        f"model 'tiny' could not be downloaded (hub {REPO}/unet.safetensors: repository not found "
+        f"(or private: set HF_TOKEN); {server.url}/releases/unet.safetensors: HTTP 404 Not Found); "
+        "pass --checkpoint PATH"
+    )
+
+
+def test_pickle_is_converted_once(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path, url=False)
+    registry = registry_for(tmp_path, server.url)
+    local = tmp_path / "local.pth"
+    local.write_bytes(pickle_bytes(tmp_path, 7))
+    first = resolve(registry)
+    first_local = resolve(registry, checkpoint=local)
+    assert first_local.unet_path.parent == hf_home / "resshift" / "converted"
+    assert_tensors(first_local.unet_path, 7)
+    refuse_unpickling(monkeypatch)
+    server.requests.clear()
+    assert resolve(registry) == first
+    assert resolve(registry, checkpoint=local) == first_local
+    assert cached_path("tiny-ae", registry) == first.autoencoder_path
+    assert server.requests == []
+
+
+class _Payload:
+    """Unpickling this opens (so creates) ``marker``: code a checkpoint must never get to run."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self) -> tuple[object, tuple[str, str]]:
+        return builtins.open, (self.marker, "w")
+
+
+def test_pickle_with_code_is_refused(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "evil.pth"
+    torch.save({"state_dict": state_dict(1), "payload": _Payload(marker)}, str(evil))
+    registry = registry_for(tmp_path, server.url)
+    with pytest.raises(WeightsError, match="weights_only"):
+        resolve(registry, checkpoint=evil, autoencoder=tmp_path / "x.safetensors")
+    with pytest.raises(WeightsError, match="weights_only"):
+        convert(evil, tmp_path / "out.safetensors")
+    assert not marker.exists()
+    assert not (tmp_path / "out.safetensors").exists()
+    assert not (hf_home / "resshift" / "converted").exists() or not any(
+        (hf_home / "resshift" / "converted").iterdir()
+    )
+    torch.load(str(evil), weights_only=False)  # the payload is real: an unsafe load runs it
+    assert marker.exists()
+
+
+def test_convert(tmp_path: Path) -> None:
+    src = tmp_path / "in.pth"
+    src.write_bytes(pickle_bytes(tmp_path, 3))
+    assert convert(src, tmp_path / "out.safetensors") == tmp_path / "out.safetensors"
+    assert_tensors(tmp_path / "out.safetensors", 3)
+    with pytest.raises(WeightsError, match=r"must end in \.safetensors"):
+        convert(src, tmp_path / "out.pth")
+
+
+def test_verify(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    unet, _ = publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=f'sha256 = "{sha256(unet)}"')
+    assert verify("tiny", registry) == (False, "tiny: not downloaded; run 'resshift weights fetch tiny'")
+    paths = fetch("tiny", registry, quiet=True)
+    assert verify("tiny", registry) == (True, f"tiny: sha256 ok, as the registry says ({paths['tiny']})")
+    ok, message = verify("tiny-ae", registry)
+    assert (
+        ok and message.startswith("tiny-ae: loads, 2 tensors; no sha256") and str(paths["tiny-ae"]) in message
+    )
+
+    # verify re-hashes (no remembered hash): same size and mtime, one byte changed
+    stat = paths["tiny"].stat()
+    paths["tiny"].write_bytes(unet[:-1] + bytes([unet[-1] ^ 1]))
+    os.utime(paths["tiny"], ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    ok, message = verify("tiny", registry)
+    assert not ok and "deleted" in message and not paths["tiny"].exists()
+
+    paths["tiny-ae"].write_bytes(b"not a safetensors file")
+    ok, message = verify("tiny-ae", registry)
+    assert not ok and message.startswith("tiny-ae: ")
+
+
+def test_verify_checks_hub_files_against_their_lfs_hash(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    unet, _ = publish(server, tmp_path, url=False)
+    registry = registry_for(tmp_path, server.url)
+    path = fetch("tiny", registry, quiet=True)["tiny"]
+    assert path.resolve().name == sha256(unet)
+    assert verify("tiny", registry) == (True, f"tiny: sha256 ok, as the hub says ({path})")
+    blob = path.resolve()
+    stat = blob.stat()
+    blob.write_bytes(unet[:-1] + bytes([unet[-1] ^ 1]))
+    os.utime(blob, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    ok, message = verify("tiny", registry)
+    assert not ok and "deleted the cached copy" in message
+    assert not blob.exists() and not path.is_symlink() and cached_path("tiny", registry) is None
+
+
+def test_hashes_are_remembered(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    data = safetensors_bytes(tmp_path, 1)
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(data)
+    assert hub._sha256_file(path) == sha256(data)
+    memo = json.loads(hub._memo_path(path).read_text())
+    assert memo["sha256"] == sha256(data) and memo["size"] == len(data)
+
+
+SCRIPT = """
+import sys
+from resshift_cli.hub import WeightsError, resolve_model
+from resshift_cli.registry import load_registry
+registry = load_registry()
+try:
+    resolved = resolve_model(registry.model("tiny"), registry, quiet=True)
+except WeightsError as exc:
+    print(exc)
+    sys.exit(3)
+print(resolved.unet_path)
+print(resolved.autoencoder_path)
+"""
+
+
+def run_script(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_subprocess_reads_the_environment(tmp_path: Path, server: HubServer) -> None:
+    """As the CLI runs: HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE and RESSHIFT_REGISTRY from the environment."""
+    unet = safetensors_bytes(tmp_path, 1)
+    ae = safetensors_bytes(tmp_path, 2)
+    server.add_hub_file(REPO, "unet.safetensors", unet)
+    server.add_hub_file(REPO, "ae.safetensors", ae)
+    registry = make_registry(tmp_path, server.url).read_text().replace('"ae.pth"', '"ae.safetensors"')
+    (tmp_path / "registry.toml").write_text(registry)
+    home = tmp_path / "sub-home"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
+    env.update(
+        HF_HOME=str(home),
+        HF_ENDPOINT=server.url,
+        RESSHIFT_REGISTRY=str(tmp_path / "registry.toml"),
+        NO_PROXY="127.0.0.1,localhost",
+    )
+    online = run_script(env)
+    assert online.returncode == 0, online.stdout + online.stderr
+    unet_path, ae_path = online.stdout.split()
+    assert Path(unet_path).is_relative_to(home / "hub") and Path(unet_path).read_bytes() == unet
+    assert Path(ae_path).read_bytes() == ae
+
+    server.requests.clear()
+    offline = run_script({**env, "HF_HUB_OFFLINE": "1"})
+    assert offline.returncode == 0, offline.stdout + offline.stderr
+    assert offline.stdout.split() == [unet_path, ae_path]
+    assert server.requests == []
+
+    empty = run_script({**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-home")})
+    assert empty.returncode == 3
+    assert empty.stdout == (
+        "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
+        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH\n"
+    )
+    assert server.requests == []
