@@ -1,0 +1,207 @@
+"""Batch runs: which inputs become which outputs, the loop over them, and what is reported.
+
+Planning happens before any model is loaded, so usage errors are immediate and a run whose
+outputs all exist finishes without touching the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from resshift_cli.imageio import IMAGE_SUFFIXES, output_extension
+
+EXIT_OK = 0
+EXIT_SOME_FAILED = 1
+EXIT_USAGE = 2
+EXIT_MODEL = 3
+EXIT_INTERRUPTED = 130
+
+
+class PlanError(Exception):
+    """The inputs and output options do not make a valid run (a usage error)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input image, where its restoration goes, and its mask (inpainting)."""
+
+    source: Path
+    output: Path
+    mask: Path | None = None
+
+
+@dataclass
+class Plan:
+    """Jobs to run, plus what was found but will not be processed."""
+
+    jobs: list[Job]
+    ignored: list[Path] = field(default_factory=list)
+    notices: list[str] = field(default_factory=list)
+
+
+def collect_inputs(
+    paths: Sequence[Path], recursive: bool
+) -> tuple[list[tuple[Path, Path | None]], list[Path]]:
+    """Expand files and directories into ``(image, root directory or None)`` pairs, sorted.
+
+    Directories give their image files (all levels with ``recursive``; symlinked directories are
+    followed once, so loops end). Non-image files inside directories are returned separately.
+    """
+    images: list[tuple[Path, Path | None]] = []
+    ignored: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found, skipped = _scan(path, recursive)
+            images += [(p, path) for p in found]
+            ignored += skipped
+        elif path.exists():
+            images.append((path, None))
+        else:
+            raise PlanError(f"input not found: {path}")
+    return images, ignored
+
+
+def _scan(root: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+    found: list[Path] = []
+    skipped: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        dirnames.sort()
+        for name in sorted(filenames):
+            p = Path(dirpath) / name
+            if name.startswith("."):
+                continue
+            (found if p.suffix.lower() in IMAGE_SUFFIXES else skipped).append(p)
+        if not recursive:
+            dirnames[:] = []
+    return found, skipped
+
+
+def plan_jobs(
+    inputs: Sequence[Path],
+    output: Path,
+    *,
+    recursive: bool = False,
+    suffix: str = "",
+    ext: str = "auto",
+    masks: Path | None = None,
+) -> Plan:
+    """Map inputs to outputs: ``output`` is a file for one input file, else a directory.
+
+    Inside a directory input the relative layout is kept. Two inputs that would land on the same
+    output (``a.png`` and ``a.jpg``) keep apart: the later one's name carries its source suffix.
+    """
+    images, ignored = collect_inputs(inputs, recursive)
+    if not images:
+        raise PlanError(
+            "no input images found" + (f" ({len(ignored)} non-image files ignored)" if ignored else "")
+        )
+    single_file = len(images) == 1 and images[0][1] is None
+    to_file = single_file and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir()
+    if not single_file and output.exists() and not output.is_dir():
+        raise PlanError(f"-o {output}: several inputs need an output directory, and this is a file")
+    plan = Plan(jobs=[], ignored=ignored)
+    claimed: dict[Path, Path] = {}
+    for source, root in images:
+        if to_file:
+            target = output
+        else:
+            rel = source.relative_to(root).parent if root is not None else Path()
+            target = output / rel / f"{source.stem}{suffix}{output_extension(source, ext)}"
+            if _key(target) in claimed:
+                alt = target.with_name(
+                    f"{source.stem}{suffix}-{source.suffix.lstrip('.').lower()}{target.suffix}"
+                )
+                plan.notices.append(
+                    f"{source} and {claimed[_key(target)]} would both write {target}; writing {alt.name}"
+                )
+                target = alt
+        claimed[_key(target)] = source
+        plan.jobs.append(Job(source, target, _mask_for(source, masks, single_file)))
+    return plan
+
+
+def _key(path: Path) -> Path:
+    return Path(os.path.normcase(os.path.abspath(path)))
+
+
+def _mask_for(source: Path, masks: Path | None, single_file: bool) -> Path | None:
+    if masks is None:
+        return None
+    if masks.is_dir():
+        for candidate in sorted(masks.iterdir()):
+            if candidate.stem == source.stem and candidate.suffix.lower() in IMAGE_SUFFIXES:
+                return candidate
+        raise PlanError(f"no mask for {source.name} in {masks} (masks are matched by file stem)")
+    if not masks.exists():
+        raise PlanError(f"mask not found: {masks}")
+    if not single_file:
+        raise PlanError("several inputs need --mask DIR (one mask per image, matched by file stem)")
+    return masks
+
+
+@dataclass
+class Record:
+    """The outcome for one input, as printed with ``--json``."""
+
+    input: str
+    output: str
+    status: str
+    seconds: float = 0.0
+    size: tuple[int, int] | None = None
+    output_size: tuple[int, int] | None = None
+    error: str | None = None
+    notices: list[str] = field(default_factory=list)
+
+    def as_json(self) -> str:
+        data: dict[str, Any] = {k: v for k, v in self.__dict__.items() if v is not None}
+        return json.dumps(data)
+
+
+@dataclass
+class Summary:
+    """Totals of a run, for the closing report and the exit code."""
+
+    records: list[Record] = field(default_factory=list)
+    started: float = field(default_factory=time.monotonic)
+
+    def count(self, status: str) -> int:
+        return sum(r.status == status for r in self.records)
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_SOME_FAILED if self.count("failed") else EXIT_OK
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+
+def partition_existing(jobs: Iterable[Job], overwrite: bool) -> tuple[list[Job], list[Job], list[Job]]:
+    """Split jobs into (to run, skipped because the output exists, refused: output is the input)."""
+    run: list[Job] = []
+    skipped: list[Job] = []
+    refused: list[Job] = []
+    for job in jobs:
+        same = job.output.exists() and os.path.samefile(job.output, job.source)
+        if same and not overwrite:
+            refused.append(job)
+        elif job.output.exists() and not overwrite:
+            skipped.append(job)
+        else:
+            run.append(job)
+    return run, skipped, refused
+
+
+Runner = Callable[[Job, Callable[[int, int], None]], Record]

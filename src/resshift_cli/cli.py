@@ -1,0 +1,345 @@
+"""The ``resshift`` command line: parsing only. The work lives in restore, batch, hub and pipelines.
+
+torch is imported only by the commands that need it, so ``--help`` and ``--version`` are instant.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+
+from resshift_cli import __version__
+
+EXIT_CODES = """\b
+Exit codes:
+  0  every input restored (or skipped because its output exists)
+  1  some inputs failed; the others were written
+  2  usage error (bad options, no inputs)
+  3  the model could not be loaded (weights missing, offline, wrong file, device unavailable)
+  130 interrupted (Ctrl-C); finished outputs are kept
+"""
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+_PathArg = click.Path(path_type=Path)
+
+
+def _registry_option(f: Callable[..., Any]) -> Callable[..., Any]:
+    return click.option(
+        "--registry",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="A weights registry file of your own, merged over the built-in one (also: RESSHIFT_REGISTRY).",
+    )(f)
+
+
+def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Options every restore command shares, in the order --help shows them."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        options = [
+            click.option(
+                "-o", "--output", type=_PathArg, required=True, help="Output file (one input) or directory."
+            ),
+            click.option("--model", help="Registry name of the model (see 'resshift weights list')."),
+            click.option(
+                "--checkpoint",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="Use this model checkpoint file instead of the registry's.",
+            ),
+            click.option(
+                "--autoencoder",
+                type=click.Path(path_type=Path, dir_okay=False),
+                help="Use this autoencoder checkpoint file instead of the registry's.",
+            ),
+            _registry_option,
+            click.option(
+                "--recursive", "-r", is_flag=True, help="Descend into subdirectories of input dirs."
+            ),
+            click.option(
+                "--seed",
+                type=int,
+                default=12345,
+                show_default=True,
+                help="Random seed (12345 is upstream's).",
+            ),
+            click.option(
+                "--tile",
+                type=click.IntRange(min=1),
+                help="Tile size in input pixels; default: chosen from free memory.",
+            ),
+            click.option(
+                "--tile-overlap",
+                type=click.IntRange(min=0),
+                default=default_overlap,
+                show_default=True,
+                help="Overlap of neighbouring tiles, input pixels.",
+            ),
+            click.option(
+                "--batch-size",
+                type=click.IntRange(min=1),
+                default=1,
+                show_default=True,
+                help="Tiles per forward pass.",
+            ),
+            click.option(
+                "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
+            ),
+            click.option(
+                "--precision",
+                type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+                default="auto",
+                show_default=True,
+                help="auto: fp16 autocast on CUDA (as upstream), fp32 on CPU.",
+            ),
+            click.option("--fp32", "force_fp32", is_flag=True, help="Same as --precision fp32."),
+            click.option("--suffix", default="", help="Added to output file names, e.g. _x4."),
+            click.option(
+                "--ext",
+                type=click.Choice(["auto", "png", "jpg", "webp"]),
+                default="auto",
+                show_default=True,
+                help="Output format; auto keeps the input's.",
+            ),
+            click.option(
+                "--overwrite", is_flag=True, help="Redo inputs whose output exists (default: skip)."
+            ),
+            click.option(
+                "--max-pixels",
+                type=click.IntRange(min=1),
+                default=None,
+                help="Refuse inputs with more pixels than this (default 268 million).",
+            ),
+            click.option("--quiet", "-q", is_flag=True, help="Print errors only."),
+            click.option(
+                "--json", "json_records", is_flag=True, help="Print one JSON record per input on stdout."
+            ),
+        ]
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return decorate
+
+
+@click.group(context_settings=CONTEXT, epilog=EXIT_CODES)
+@click.version_option(__version__, "--version", "-V", prog_name="resshift")
+def main() -> None:
+    """Restore images with ResShift: super-resolution, inpainting and face restoration.
+
+    \b
+    Examples:
+      resshift sr photo.png -o photo_x4.png
+      resshift sr photos/ -o restored/ --recursive
+      resshift inpaint image.png --mask mask.png -o filled.png
+      resshift face --batch faces/ -o restored/
+    """
+
+
+def _run_restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[str, Any]) -> None:
+    from resshift_cli import batch, restore
+    from resshift_cli.imageio import DEFAULT_MAX_PIXELS
+
+    try:
+        plan = batch.plan_jobs(
+            list(inputs),
+            kw["output"],
+            recursive=kw["recursive"],
+            suffix=kw["suffix"],
+            ext=kw["ext"],
+            masks=masks,
+        )
+    except batch.PlanError as exc:
+        raise click.UsageError(str(exc)) from None
+    settings = restore.RestoreSettings(
+        task=task,
+        model=kw["model"],
+        checkpoint=kw["checkpoint"],
+        autoencoder=kw["autoencoder"],
+        registry=kw["registry"],
+        seed=kw["seed"],
+        tile=kw["tile"],
+        overlap=kw["tile_overlap"],
+        batch_size=kw["batch_size"],
+        device=kw["device"],
+        precision="fp32" if kw["force_fp32"] else kw["precision"],
+        overwrite=kw["overwrite"],
+        quiet=kw["quiet"],
+        json=kw["json_records"],
+        max_pixels=kw["max_pixels"] or DEFAULT_MAX_PIXELS,
+    )
+    try:
+        code = restore.run(plan, settings)
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished outputs are kept", err=True)
+        sys.exit(batch.EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES)
+@click.argument("inputs", nargs=-1, required=True, type=_PathArg)
+@_restore_options(default_overlap=16)
+def sr(inputs: tuple[Path, ...], **kw: Any) -> None:
+    """Super-resolve images x4 (default model realsr-v3, 4 steps).
+
+    INPUTS are image files and/or directories. Large images are restored in overlapping tiles
+    blended without seams.
+    """
+    _run_restore("sr", inputs, None, kw)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES)
+@click.argument("inputs", nargs=-1, required=True, type=_PathArg)
+@click.option(
+    "--mask",
+    "masks",
+    type=_PathArg,
+    required=True,
+    help="Mask image (white = hole), same size as the image; for several inputs a directory "
+    "of masks matched by file stem.",
+)
+@_restore_options(default_overlap=64)
+def inpaint(inputs: tuple[Path, ...], masks: Path, **kw: Any) -> None:
+    """Fill the white area of a mask (default model inpaint-imagenet; inpaint-face for faces).
+
+    Outside the hole the output is the input, pixel for pixel.
+    """
+    _run_restore("inpaint", inputs, masks, kw)
+
+
+@main.command(context_settings=CONTEXT, epilog=EXIT_CODES)
+@click.argument("inputs", nargs=-1, type=_PathArg)
+@click.option(
+    "--batch",
+    "batch_dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="A directory of aligned faces to restore.",
+)
+@_restore_options(default_overlap=64)
+def face(inputs: tuple[Path, ...], batch_dir: Path | None, **kw: Any) -> None:
+    """Blind restoration of aligned 512x512 faces (model faceir).
+
+    Other sizes are resized to 512x512 and back, with a notice.
+    """
+    if batch_dir is not None:
+        inputs = (*inputs, batch_dir)
+    if not inputs:
+        raise click.UsageError("give face images, or --batch DIR")
+    _run_restore("face", inputs, None, kw)
+
+
+@main.group(context_settings=CONTEXT)
+def weights() -> None:
+    """List, download, verify and convert model weights."""
+
+
+def _weights_errors(f: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn registry and weights errors into one-line messages with exit code 3."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from resshift_cli.checkpoints import CheckpointError
+        from resshift_cli.hub import WeightsError
+        from resshift_cli.registry import RegistryError
+
+        try:
+            return f(*args, **kwargs)
+        except (RegistryError, WeightsError, CheckpointError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(3)
+
+    return wrapper
+
+
+@weights.command("list", context_settings=CONTEXT)
+@_registry_option
+@_weights_errors
+def weights_list(registry: Path | None) -> None:
+    """Show every model and autoencoder, and whether it is on disk."""
+    from resshift_cli.hub import cached_path
+    from resshift_cli.registry import load_registry
+
+    reg = load_registry(registry)
+    defaults = {v: k for k, v in reg.defaults.items()}
+    for spec in reg.models.values():
+        where = cached_path(spec.name, reg)
+        default = f" [default for {defaults[spec.name]}]" if spec.name in defaults else ""
+        click.echo(
+            f"{spec.name:18} {spec.task:8} x{spec.scale} {spec.steps:2d} steps  "
+            f"{'cached' if where else 'not downloaded':14} {spec.description}{default}"
+        )
+    for ae in reg.autoencoders.values():
+        where = cached_path(ae.name, reg)
+        click.echo(
+            f"{ae.name:18} {'vq':8} {'':13} {'cached' if where else 'not downloaded':14} {ae.description}"
+        )
+
+
+@weights.command("fetch", context_settings=CONTEXT)
+@click.argument("names", nargs=-1, required=True)
+@_registry_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@_weights_errors
+def weights_fetch(names: tuple[str, ...], registry: Path | None, quiet: bool) -> None:
+    """Download (and convert to safetensors) the named weights and their autoencoders."""
+    from resshift_cli.hub import fetch
+    from resshift_cli.registry import load_registry
+
+    reg = load_registry(registry)
+    for name in names:
+        for entry, path in fetch(name, reg, quiet=quiet).items():
+            if not quiet:
+                click.echo(f"{entry}: {path}")
+
+
+@weights.command("verify", context_settings=CONTEXT)
+@click.argument("names", nargs=-1)
+@_registry_option
+@_weights_errors
+def weights_verify(names: tuple[str, ...], registry: Path | None) -> None:
+    """Check downloaded weights (sha256 where known, else that they load). Default: all on disk."""
+    from resshift_cli.hub import cached_path, verify
+    from resshift_cli.registry import load_registry
+
+    reg = load_registry(registry)
+    chosen = list(names) or [n for n in reg.names() if cached_path(n, reg) is not None]
+    if not chosen:
+        click.echo("no weights on disk to verify")
+        return
+    failed = 0
+    for name in chosen:
+        ok, message = verify(name, reg)
+        click.echo(("ok    " if ok else "FAIL  ") + message)
+        failed += not ok
+    if failed:
+        sys.exit(1)
+
+
+@weights.command("path", context_settings=CONTEXT)
+@click.argument("name")
+@_registry_option
+@_weights_errors
+def weights_path(name: str, registry: Path | None) -> None:
+    """Print the local file of NAME (exit 1 when it is not on disk)."""
+    from resshift_cli.hub import cached_path
+    from resshift_cli.registry import load_registry
+
+    path = cached_path(name, load_registry(registry))
+    if path is None:
+        click.echo(f"error: {name} is not on disk; run 'resshift weights fetch {name}'", err=True)
+        sys.exit(1)
+    click.echo(str(path))
+
+
+@weights.command("convert", context_settings=CONTEXT)
+@click.argument("src", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("dst", type=click.Path(path_type=Path, dir_okay=False))
+@_weights_errors
+def weights_convert(src: Path, dst: Path) -> None:
+    """Convert a .pth checkpoint into .safetensors (read with weights_only: code is refused)."""
+    from resshift_cli.hub import convert
+
+    click.echo(str(convert(src, dst)))

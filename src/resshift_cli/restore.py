@@ -1,0 +1,163 @@
+"""The work behind ``resshift sr | inpaint | face``: plan, load the model once, restore each input.
+
+Each input is loaded, restored, and written atomically; a failure is recorded and the batch goes
+on. The exit code says whether everything was done.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from resshift_cli.batch import (
+    EXIT_MODEL,
+    Job,
+    Plan,
+    Record,
+    Summary,
+    partition_existing,
+)
+from resshift_cli.imageio import DEFAULT_MAX_PIXELS, ImageError, load_image, save_image
+from resshift_cli.progress import Reporter
+
+
+@dataclass(frozen=True)
+class RestoreSettings:
+    """Everything a restore command was asked for, after parsing."""
+
+    task: str
+    model: str | None = None
+    checkpoint: Path | None = None
+    autoencoder: Path | None = None
+    registry: Path | None = None
+    seed: int = 12345
+    tile: int | None = None
+    overlap: int = 16
+    batch_size: int = 1
+    device: str = "auto"
+    precision: str = "auto"
+    overwrite: bool = False
+    quiet: bool = False
+    json: bool = False
+    max_pixels: int | None = DEFAULT_MAX_PIXELS
+
+
+class ModelUnavailable(Exception):
+    """The model could not be resolved, loaded or placed on the device (exit code 3)."""
+
+
+def run(plan: Plan, settings: RestoreSettings) -> int:
+    """Restore every job of ``plan``; returns the exit code."""
+    with Reporter(quiet=settings.quiet, json_records=settings.json) as reporter:
+        for notice in plan.notices:
+            reporter.notice(notice)
+        todo, skipped, refused = partition_existing(plan.jobs, settings.overwrite)
+        summary = Summary()
+        reporter.start(len(plan.jobs))
+        for job in skipped:
+            record = Record(str(job.source), str(job.output), "skipped", notices=["output exists; skipped"])
+            summary.records.append(record)
+            reporter.end_image(record)
+        for job in refused:
+            error = "the output would overwrite the input; choose another -o or --suffix (or --overwrite)"
+            record = Record(str(job.source), str(job.output), "failed", error=error)
+            summary.records.append(record)
+            reporter.end_image(record)
+        if todo:
+            try:
+                process = _processor(settings, reporter)
+            except ModelUnavailable as exc:
+                reporter.error(str(exc))
+                return EXIT_MODEL
+            for job in todo:
+                reporter.begin_image(job.source.name)
+                record = process(job)
+                summary.records.append(record)
+                reporter.end_image(record)
+        reporter.summary(summary, ignored=len(plan.ignored))
+        return summary.exit_code
+
+
+def _processor(settings: RestoreSettings, reporter: Reporter):
+    """Load the model once and return the function that restores one job."""
+    import torch
+
+    from resshift_cli.checkpoints import CheckpointError
+    from resshift_cli.hub import WeightsError
+    from resshift_cli.pipelines import tasks
+    from resshift_cli.pipelines.loading import load_restorer
+    from resshift_cli.registry import RegistryError, load_registry
+    from resshift_cli.runtime import RuntimeSetupError, autocast_dtype, resolve_device
+
+    try:
+        registry = load_registry(settings.registry)
+        spec = registry.model(settings.model) if settings.model else registry.default_model(settings.task)
+        if spec.task != settings.task:
+            raise ModelUnavailable(
+                f"model {spec.name!r} is for '{spec.task}', not '{settings.task}'; "
+                f"use 'resshift {spec.task}' or pick another --model"
+            )
+        device = resolve_device(settings.device)
+        precision = autocast_dtype(device, settings.precision)
+        reporter.info(
+            f"loading {spec.name} on {device} "
+            f"({'fp32' if precision is None else str(precision).removeprefix('torch.')})"
+        )
+        restorer = load_restorer(
+            spec,
+            registry,
+            device=device,
+            precision=precision,
+            checkpoint=settings.checkpoint,
+            autoencoder=settings.autoencoder,
+            quiet=settings.quiet,
+        )
+    except (RegistryError, WeightsError, CheckpointError, RuntimeSetupError) as exc:
+        raise ModelUnavailable(str(exc)) from None
+    except (RuntimeError, OSError) as exc:
+        raise ModelUnavailable(f"cannot load {settings.model or settings.task} model: {exc}") from None
+
+    options = tasks.RunOptions(
+        seed=settings.seed, tile=settings.tile, overlap=settings.overlap, batch_size=settings.batch_size
+    )
+    face_size = int(spec.unet.get("lq_size", 512))
+
+    def process(job: Job) -> Record:
+        started = time.monotonic()
+        record = Record(str(job.source), str(job.output), "failed")
+        try:
+            image = load_image(job.source, max_pixels=settings.max_pixels)
+            record.size = image.size
+            record.notices += image.notices
+            if settings.task == "inpaint":
+                assert job.mask is not None
+                mask = load_image(job.mask, max_pixels=settings.max_pixels)
+                hole = tasks.hole_mask(mask.rgb)
+                result = tasks.inpaint(restorer, image, hole, options, reporter.image_progress)
+            elif settings.task == "face":
+                result = tasks.restore_face(restorer, image, options, face_size, reporter.image_progress)
+            else:
+                result = tasks.super_resolve(restorer, image, options, reporter.image_progress)
+            job.output.parent.mkdir(parents=True, exist_ok=True)
+            save_image(
+                job.output,
+                result.rgb,
+                alpha=result.alpha,
+                grayscale=image.grayscale,
+                bit_depth=image.bit_depth,
+                icc_profile=image.icc_profile,
+            )
+            record.notices += result.notices
+            record.status = "done"
+            record.output_size = (result.rgb.shape[1], result.rgb.shape[0])
+        except (ImageError, tasks.MaskError, ValueError) as exc:
+            record.error = str(exc)
+        except OSError as exc:
+            record.error = f"cannot write {job.output}: {exc.strerror or exc}"
+        except torch.OutOfMemoryError:
+            record.error = "out of memory; try a smaller --tile or --batch-size 1"
+        record.seconds = round(time.monotonic() - started, 3)
+        return record
+
+    return process

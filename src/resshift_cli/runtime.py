@@ -1,0 +1,55 @@
+"""Device and precision selection, kept explicit so CUDA, MPS and CPU runs behave predictably."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+
+
+class RuntimeSetupError(Exception):
+    """The requested device or precision cannot be used on this machine."""
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; an explicit device must be available."""
+    if not _DEVICE_RE.match(name):
+        raise RuntimeSetupError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RuntimeSetupError(
+                f"device {name!r} requested but CUDA is not available here; use --device cpu"
+            )
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RuntimeSetupError(
+                f"device {name!r} requested but only {torch.cuda.device_count()} CUDA device(s) exist"
+            )
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise RuntimeSetupError(f"device {name!r} requested but MPS is not available here; use --device cpu")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
+    """The autocast dtype for ``precision`` on ``device``; None means plain fp32.
+
+    ``auto`` is fp16 autocast on CUDA (as upstream runs) and fp32 elsewhere.
+    """
+    if precision not in PRECISIONS:
+        raise RuntimeSetupError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        return torch.float16 if device.type == "cuda" else None
+    if precision == "fp32":
+        return None
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise RuntimeSetupError("bf16 is not supported by this GPU; use --precision fp16 or fp32")
+    return torch.float16 if precision == "fp16" else torch.bfloat16
