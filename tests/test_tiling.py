@@ -103,16 +103,18 @@ def test_pad_replicate_mode_and_bad_mode():
 def test_plan_covers_every_pixel_with_full_tiles_in_bounds(height, width, tile, overlap):
     tiles = plan_tiles(height, width, tile, overlap)
     coverage = torch.zeros(height, width, dtype=torch.int64)
+    assert len({(t.h, t.w) for t in tiles}) == 1
     for t in tiles:
-        assert (t.h, t.w) == (min(tile, height), min(tile, width))
+        assert t.h <= min(tile, height) and t.w <= min(tile, width)
         assert min(t.y0, t.x0) >= 0 and t.y0 + t.h <= height and t.x0 + t.w <= width
         coverage[t.y0 : t.y0 + t.h, t.x0 : t.x0 + t.w] += 1
     assert (coverage >= 1).all()
     assert len(set(tiles)) == len(tiles)
-    # Neighbouring tiles overlap by at least ``overlap``: steps are at most tile - overlap.
-    for starts in (sorted({t.y0 for t in tiles}), sorted({t.x0 for t in tiles})):
+    # Neighbouring tiles overlap by at least ``overlap``: steps are at most length - overlap.
+    axes = ((sorted({t.y0 for t in tiles}), tiles[0].h), (sorted({t.x0 for t in tiles}), tiles[0].w))
+    for starts, length in axes:
         steps = [b - a for a, b in itertools.pairwise(starts)]
-        assert all(0 < s <= tile - overlap for s in steps)
+        assert all(0 < s <= length - overlap for s in steps)
 
 
 def test_plan_without_overlap_partitions_divisible_images():
@@ -120,8 +122,22 @@ def test_plan_without_overlap_partitions_divisible_images():
     assert tiles == [Tile(y, x, 32, 32) for y in (0, 32) for x in (0, 32, 64)]
 
 
-def test_plan_shifts_last_tile_back_to_the_edge():
-    assert [t.x0 for t in plan_tiles(16, 100, 40, 8)] == [0, 32, 60]
+def test_plan_spreads_equal_tiles_evenly_to_the_edge():
+    # 3 tiles are needed for 100 px with overlap 8; 39 px each cover it, evenly spaced.
+    tiles = plan_tiles(16, 100, 40, 8)
+    assert [(t.x0, t.w) for t in tiles] == [(0, 39), (30, 39), (61, 39)]
+
+
+def test_plan_work_stays_close_to_the_image_size():
+    # Upstream's plan for 512 px with 256-px tiles and overlap 8 needs 3 x 3 full tiles (2.25x the
+    # pixels); equal tiles of 176 px need about 1.06x.
+    tiles = plan_tiles(512, 512, 256, 8)
+    assert sum(t.h * t.w for t in tiles) / 512**2 < 1.07
+
+
+def test_plan_tile_lengths_are_multiples():
+    tiles = plan_tiles(300, 300, 128, 16, multiple=64)
+    assert {(t.h, t.w) for t in tiles} == {(128, 128)}
 
 
 @pytest.mark.parametrize("overlap", [-1, 32, 40])

@@ -40,7 +40,7 @@ def space_timesteps(num_timesteps: int, section_counts: int | str | Sequence[int
         return list(range(num_timesteps))
     if isinstance(section_counts, str):
         if section_counts.startswith("ddim"):
-            desired = int(section_counts[len("ddim"):])
+            desired = int(section_counts[len("ddim") :])
             for stride in range(1, num_timesteps):
                 if len(range(0, num_timesteps, stride)) == desired:
                     return list(range(0, num_timesteps, stride))
@@ -274,12 +274,40 @@ class ResShiftDiffusion:
         ``mask`` (N x 1 x H x W, +1 = hole, -1 = keep) conditions the network.
         """
         z_y = self.encode(self.upsample(lq), autoencoder)
+        return self.reverse(
+            z_y,
+            unet,
+            lq=lq,
+            mask=mask,
+            noise=noise,
+            generator=generator,
+            on_step=on_step,
+            clip_denoised=autoencoder is None,
+        )
+
+    def reverse(
+        self,
+        z_y: torch.Tensor,
+        unet: Denoiser,
+        *,
+        lq: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        noise: Sequence[torch.Tensor] | None = None,
+        generator: torch.Generator | None = None,
+        on_step: Callable[[int, int], None] | None = None,
+        clip_denoised: bool = False,
+    ) -> torch.Tensor:
+        """The reverse chain from the prior over ``z_y`` (already encoded); returns the final latent.
+
+        Separate from encoding so that a caller can encode and decode in tiles while the network
+        runs on the whole latent.
+        """
         draws = iter(noise) if noise is not None else _gaussian_draws(z_y, generator)
         kwargs: dict[str, Any] = {"lq": lq}
         if mask is not None:
             kwargs["mask"] = mask
         x = z_y
-        chain = self.p_sample_loop_progressive(unet, z_y, draws, kwargs, clip_denoised=autoencoder is None)
+        chain = self.p_sample_loop_progressive(unet, z_y, draws, kwargs, clip_denoised=clip_denoised)
         for k, out in enumerate(chain, start=1):
             x = out.sample
             if on_step is not None:
@@ -340,6 +368,4 @@ class ResShiftDiffusion:
 def _gaussian_draws(like: torch.Tensor, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
     """An endless stream of standard-normal tensors shaped like ``like``."""
     while True:
-        yield torch.randn(
-            like.shape, generator=generator, device=like.device, dtype=like.dtype
-        )
+        yield torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)

@@ -70,6 +70,8 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", relative_position_index(window))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim)
+        self.fast = True
+        self._bias_cache: dict[tuple, torch.Tensor] = {}
 
     def position_bias(self) -> torch.Tensor:
         """The relative-position bias gathered for one window: (heads, N, N)."""
@@ -77,16 +79,34 @@ class WindowAttention(nn.Module):
         bias = self.relative_position_bias_table[self.relative_position_index.view(-1)]
         return bias.view(n, n, -1).permute(2, 0, 1)
 
+    def attention_bias(self, mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
+        """Position bias plus mask: (1 or nW, heads, N, N).
+
+        Without autograd the sum is cached per mask and dtype (and dropped when the bias table
+        changes), so the gather and the addition happen once per size, not at every step.
+        """
+        table = self.relative_position_bias_table
+        cacheable = self.fast and not (torch.is_grad_enabled() and table.requires_grad)
+        key = (id(mask), dtype, table.device, table.data_ptr(), table._version)
+        if cacheable and key in self._bias_cache:
+            return self._bias_cache[key]
+        bias = self.position_bias().to(dtype).unsqueeze(0)
+        if mask is not None:
+            bias = bias + mask.to(dtype).unsqueeze(1)
+        if cacheable:
+            self._bias_cache = {k: v for k, v in self._bias_cache.items() if k[3:] == key[3:]}
+            self._bias_cache[key] = bias
+        return bias
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B * nW, N, C); mask: (nW, N, N) additive, or None."""
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.position_bias().to(q.dtype).unsqueeze(0)
+        bias = self.attention_bias(mask, q.dtype)
         if mask is not None:
             nw = mask.shape[0]
-            bias = (bias.unsqueeze(0) + mask.to(q.dtype).unsqueeze(1).unsqueeze(0))
-            bias = bias.expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
+            bias = bias.unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
 

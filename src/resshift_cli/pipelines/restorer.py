@@ -14,27 +14,42 @@ from dataclasses import dataclass
 import torch
 
 from resshift_cli.diffusion import ResShiftDiffusion
+from resshift_cli.models import set_fast_paths
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
-from resshift_cli.pipelines.tiling import auto_tile_size, plan_tiles, run_tiled
+from resshift_cli.pipelines.tiling import (
+    auto_tile_size,
+    free_memory_bytes,
+    pad_to_multiple,
+    plan_tiles,
+    run_tiled,
+)
 
 ProgressFn = Callable[[int, int], None]
 
 
 @dataclass
 class Restorer:
-    """A loaded model ready to restore images on ``device`` with optional autocast ``precision``."""
+    """A loaded model ready to restore images on ``device`` with optional autocast ``precision``.
+
+    ``optimize`` (on by default) turns on channels_last and the models' inference shortcuts;
+    off, it is the plain eager computation that the benchmark compares against.
+    """
 
     unet: UNet
     autoencoder: VQAutoencoder | None
     diffusion: ResShiftDiffusion
     device: torch.device
     precision: torch.dtype | None = None
+    optimize: bool = True
 
     def __post_init__(self) -> None:
-        self.unet.eval().requires_grad_(False).to(self.device)
-        if self.autoencoder is not None:
-            self.autoencoder.eval().requires_grad_(False).to(self.device)
+        # channels_last lets oneDNN/cuDNN run the convolutions without layout conversions.
+        layout = torch.channels_last if self.optimize else torch.contiguous_format
+        for model in (self.unet, self.autoencoder):
+            if model is not None:
+                model.eval().requires_grad_(False).to(self.device, memory_format=layout)
+                set_fast_paths(model, self.optimize)
 
     @property
     def scale(self) -> int:
@@ -91,6 +106,11 @@ class Restorer:
         f = self.autoencoder.downsample_factor
         return (self.autoencoder.embed_dim, h * self.scale // f, w * self.scale // f)
 
+    def unet_bytes_per_latent_pixel(self) -> float:
+        """A generous estimate of the UNet's peak memory per latent pixel (skips, Swin, attention)."""
+        elem = 4 if self.precision is None else 2
+        return 4096.0 * elem
+
     def restore(
         self,
         image: torch.Tensor,
@@ -104,25 +124,43 @@ class Restorer:
     ) -> torch.Tensor:
         """Restore ``image`` (1 x 3 x H x W in [0, 1]); returns 1 x 3 x sH x sW in [0, 1] on the CPU.
 
-        ``mask`` (1 x 1 x H x W, 1 = hole) conditions inpainting models. Tiles are ``tile`` input
-        pixels (automatic when None) overlapping by ``overlap``; ``on_progress(done, total)``
-        counts sampler steps over all tiles.
+        ``mask`` (1 x 1 x H x W, 1 = hole) conditions inpainting models. An image that fits one
+        tile (``tile`` input pixels, automatic when None) is restored in a single pass, exactly as
+        ``diffusion.sample`` with ``generator=manual_seed(seed)``. A larger one is encoded and
+        decoded in overlapping tiles while the network runs on its whole latent; when the latent
+        does not fit in memory (or the model's latent is smaller than its input), the whole chain
+        runs per tile, each tile drawing its noise from ``seed + tile index``.
+        ``on_progress(done, total)`` counts tiles and sampler steps.
         """
+        height, width = image.shape[-2:]
         tile_size = self.choose_tile(tile)
-        padded_h = -(-image.shape[-2] // self.lq_multiple) * self.lq_multiple
-        padded_w = -(-image.shape[-1] // self.lq_multiple) * self.lq_multiple
-        single = tile_size >= padded_h and tile_size >= padded_w
-        overlap = 0 if single else min(overlap, tile_size - self.lq_multiple)
-        n_tiles = 1 if single else len(plan_tiles(padded_h, padded_w, tile_size, overlap))
-        steps = self.diffusion.num_timesteps
-        total = math.ceil(n_tiles / batch_size) * steps
-        done = 0
+        m = self.lq_multiple
+        padded_h, padded_w = -(-height // m) * m, -(-width // m) * m
+        progress = _Counter(on_progress)
+        if tile_size >= padded_h and tile_size >= padded_w:
+            progress.total = self.diffusion.num_timesteps
+            return self._whole_chain_tiles(image, mask, seed, None, 0, 1, progress)
+        factor = self.autoencoder.downsample_factor if self.autoencoder is not None else 1
+        latent_pixels = padded_h * padded_w * (self.scale / factor) ** 2
+        budget = 0.5 * free_memory_bytes(self.device)
+        if self.scale % factor == 0 and latent_pixels * self.unet_bytes_per_latent_pixel() < budget:
+            return self._latent_whole(image, mask, seed, tile_size, overlap, batch_size, progress)
+        overlap = min(overlap, tile_size - m)
+        n_tiles = len(plan_tiles(padded_h, padded_w, tile_size, overlap, m))
+        progress.total = math.ceil(n_tiles / batch_size) * self.diffusion.num_timesteps
+        return self._whole_chain_tiles(image, mask, seed, tile_size, overlap, batch_size, progress)
 
-        def on_step(_k: int, _n: int) -> None:
-            nonlocal done
-            done += 1
-            if on_progress is not None:
-                on_progress(done, total)
+    def _whole_chain_tiles(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor | None,
+        seed: int,
+        tile: int | None,
+        overlap: int,
+        batch_size: int,
+        progress: _Counter,
+    ) -> torch.Tensor:
+        """Run the whole pipeline (encode, chain, decode) per tile; one tile is the single pass."""
 
         def restore_tiles(
             tiles: torch.Tensor, extras: tuple[torch.Tensor, ...], indices: list[int]
@@ -132,19 +170,116 @@ class Restorer:
             noise = self._noise(indices, seed, self._latent_shape(*lq.shape[-2:]))
             with torch.inference_mode(), self._autocast():
                 out = self.diffusion.sample(
-                    lq, self.unet, self.autoencoder, mask=tile_mask, noise=noise, on_step=on_step
+                    lq, self.unet, self.autoencoder, mask=tile_mask, noise=noise, on_step=progress.step
                 )
-            return ((out.float().clamp(-1, 1) + 1) / 2).cpu()
+            return _to_unit(out)
 
-        extras = (mask,) if mask is not None else ()
         return run_tiled(
             restore_tiles,
             image,
             scale=self.scale,
-            tile=None if single else tile_size,
+            tile=tile,
             overlap=overlap,
             multiple=self.lq_multiple,
             batch_size=batch_size,
-            extras=extras,
+            extras=(mask,) if mask is not None else (),
             out_device="cpu",
         )
+
+    def _latent_whole(
+        self,
+        image: torch.Tensor,
+        mask: torch.Tensor | None,
+        seed: int,
+        tile: int,
+        overlap: int,
+        batch_size: int,
+        progress: _Counter,
+    ) -> torch.Tensor:
+        """Encode and decode in tiles, run the chain once on the whole latent.
+
+        The network is the costly part to tile (its tiles must be multiples of its windows and
+        overlap generously); the autoencoder only needs a few latent pixels of overlap.
+        """
+        assert self.autoencoder is not None
+        autoencoder = self.autoencoder
+        factor = autoencoder.downsample_factor
+        height, width = image.shape[-2:]
+        lq, _ = pad_to_multiple(image, self.lq_multiple)
+        lq = (lq.to(self.device, torch.float32) * 2 - 1).contiguous()
+        mask_pm = None
+        if mask is not None:
+            mask_pm = pad_to_multiple(mask, self.lq_multiple)[0].to(self.device, torch.float32) * 2 - 1
+        latent_scale = self.scale // factor
+        latent_tile = max(1, tile * latent_scale)
+        latent_overlap = max(2, overlap * latent_scale // 2)
+        enc_tiles = len(plan_tiles(*lq.shape[-2:], tile, min(overlap, tile - 1)))
+        dec_tiles = len(
+            plan_tiles(
+                lq.shape[-2] * latent_scale,
+                lq.shape[-1] * latent_scale,
+                latent_tile,
+                min(latent_overlap, latent_tile - 1),
+            )
+        )
+        steps = self.diffusion.num_timesteps
+        progress.total = math.ceil(enc_tiles / batch_size) + steps + math.ceil(dec_tiles / batch_size)
+
+        def encode(tiles: torch.Tensor, _extras: tuple[torch.Tensor, ...], _idx: list[int]) -> torch.Tensor:
+            with torch.inference_mode(), self._autocast():
+                z = self.diffusion.encode(self.diffusion.upsample(tiles), autoencoder).float()
+            progress.step()
+            return z
+
+        def decode(tiles: torch.Tensor, _extras: tuple[torch.Tensor, ...], _idx: list[int]) -> torch.Tensor:
+            with torch.inference_mode(), self._autocast():
+                out = self.diffusion.decode(tiles, autoencoder)
+            progress.step()
+            return out.float().clamp(-1, 1)
+
+        with torch.inference_mode():
+            z_y = run_tiled(
+                encode,
+                lq,
+                scale=latent_scale,
+                tile=tile,
+                overlap=min(overlap, tile - 1),
+                multiple=1,
+                batch_size=batch_size,
+            )
+            gen = torch.Generator().manual_seed(seed)
+            noise = [torch.randn(z_y.shape, generator=gen).to(self.device) for _ in range(steps + 1)]
+            with self._autocast():
+                latent = self.diffusion.reverse(
+                    z_y, self.unet, lq=lq, mask=mask_pm, noise=noise, on_step=progress.step
+                ).float()
+            out = run_tiled(
+                decode,
+                latent,
+                scale=factor,
+                tile=latent_tile,
+                overlap=min(latent_overlap, latent_tile - 1),
+                multiple=1,
+                batch_size=batch_size,
+                out_device="cpu",
+            )
+        return _to_unit(out[..., : height * self.scale, : width * self.scale])
+
+
+class _Counter:
+    """Counts units of work done and reports ``(done, total)``."""
+
+    def __init__(self, callback: ProgressFn | None) -> None:
+        self.callback = callback
+        self.done = 0
+        self.total = 0
+
+    def step(self, *_: int) -> None:
+        self.done += 1
+        if self.callback is not None:
+            self.callback(self.done, max(self.total, self.done))
+
+
+def _to_unit(image: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] -> [0, 1] on the CPU, in float32."""
+    return ((image.float().clamp(-1, 1) + 1) / 2).cpu()

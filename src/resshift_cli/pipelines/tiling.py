@@ -88,20 +88,25 @@ def pad_to_multiple(x: Tensor, multiple: int, mode: str = "reflect") -> tuple[Te
     return y.reshape(*lead, height + pad_h, width + pad_w), (pad_h, pad_w)
 
 
-def _starts(size: int, tile: int, stride: int) -> list[int]:
+def _axis(size: int, tile: int, overlap: int, multiple: int) -> tuple[int, list[int]]:
+    """Tile length and start positions along one axis: as few tiles as the overlap allows,
+    all the same length (the smallest multiple of ``multiple`` that covers), spread evenly."""
     if size <= tile:
-        return [0]
-    starts = list(range(0, size - tile, stride))
-    starts.append(size - tile)
-    return starts
+        return size, [0]
+    count = -(-(size - overlap) // (tile - overlap))
+    length = -(-(size + (count - 1) * overlap) // count)
+    length = min(tile, -(-length // multiple) * multiple)
+    return length, [i * (size - length) // (count - 1) for i in range(count)]
 
 
-def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
-    """Cover a ``height`` x ``width`` image with tiles of ``tile`` pixels overlapping by ``overlap``.
+def plan_tiles(height: int, width: int, tile: int, overlap: int, multiple: int = 1) -> list[Tile]:
+    """Cover a ``height`` x ``width`` image with tiles of at most ``tile`` pixels overlapping by at
+    least ``overlap``.
 
-    Tiles step by ``tile - overlap``; the last one in each row/column is shifted back to end at
-    the edge, so every tile has the same size, min(tile, image size), and none leaves the image.
-    Row-major order: the index in this list is the tile's stable id.
+    Upstream steps by ``tile - overlap`` and shifts the last tile back, which can nearly double
+    the work on an unlucky size; here each axis gets the fewest tiles that fit, all of one length
+    (a multiple of ``multiple``, no larger than needed) and evenly spread, so the extra work is
+    little more than the overlaps themselves. Row-major order: the index is the tile's stable id.
     """
     if height < 1 or width < 1:
         raise ValueError(f"image size must be positive, got {height}x{width}")
@@ -109,11 +114,9 @@ def plan_tiles(height: int, width: int, tile: int, overlap: int) -> list[Tile]:
         raise ValueError(f"tile must be >= 1, got {tile}")
     if not 0 <= overlap < tile:
         raise ValueError(f"overlap must be in [0, tile), got overlap={overlap}, tile={tile}")
-    th, tw = min(tile, height), min(tile, width)
-    stride = tile - overlap
-    return [
-        Tile(y0, x0, th, tw) for y0 in _starts(height, tile, stride) for x0 in _starts(width, tile, stride)
-    ]
+    th, rows = _axis(height, tile, overlap, multiple)
+    tw, cols = _axis(width, tile, overlap, multiple)
+    return [Tile(y0, x0, th, tw) for y0 in rows for x0 in cols]
 
 
 def _profile(n: int, ramp: int, start: bool, end: bool, device: torch.device | str | None) -> Tensor:
@@ -206,7 +209,7 @@ def run_tiled(
             on_tile(1, 1)
         return out[..., :out_h, :out_w].to(out_device)
 
-    tiles = plan_tiles(pad_h, pad_w, tile, overlap)
+    tiles = plan_tiles(pad_h, pad_w, tile, overlap, multiple)
     total = len(tiles)
     # The accumulators are allocated once the first output shows its channels and dtype.
     acc = weight = torch.empty(0)
