@@ -1,0 +1,1 @@
+"""Training support: on-the-fly data degradations for the ``resshift train`` command."""

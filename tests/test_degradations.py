@@ -1,0 +1,375 @@
+"""On-the-fly training degradations: kernels, noise, JPEG, bicubic and the Real-ESRGAN pipeline, crops.
+
+Statistics are checked on synthetic images with known answers; "it really degrades" on a few real
+photos from /work/shared/traindata (BSDS500 training photos, never the test or evaluation sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from resshift_cli.imageio import load_image
+from resshift_cli.training.degradations import (
+    KERNEL_TYPES,
+    DegradationConfig,
+    add_gaussian_noise,
+    add_poisson_noise,
+    bicubic_degrade,
+    bivariate_kernel,
+    jpeg_compress,
+    random_crop_flip,
+    random_kernel,
+    realesrgan_degrade,
+    sinc_kernel,
+)
+
+TRAINDATA = Path("/work/shared/traindata/bsds500")
+
+
+def _gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _photos(count: int, size: int = 128) -> torch.Tensor:
+    """Centre crops of the first ``count`` BSDS500 training photos, (count, 3, size, size)."""
+    if not TRAINDATA.is_dir():
+        pytest.skip(f"{TRAINDATA} is not available")
+    crops = []
+    for path in sorted(TRAINDATA.glob("*.jpg"))[:count]:
+        rgb = torch.from_numpy(load_image(path).rgb).permute(2, 0, 1)
+        top, left = (rgb.shape[1] - size) // 2, (rgb.shape[2] - size) // 2
+        crops.append(rgb[:, top : top + size, left : left + size])
+    return torch.stack(crops)
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / F.mse_loss(a, b)))
+
+
+def _upsample(lq: torch.Tensor, scale: int) -> torch.Tensor:
+    return F.interpolate(lq, scale_factor=scale, mode="bicubic", align_corners=False).clamp(0, 1)
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_config_defaults_are_realesrgan():
+    config = DegradationConfig()
+    assert config.kernel_sizes == (7, 9, 11, 13, 15, 17, 19, 21)
+    assert config.kernel_types == KERNEL_TYPES
+    assert config.kernel_probs == (0.45, 0.25, 0.12, 0.03, 0.12, 0.03)
+    assert (config.blur_sigma, config.blur_sigma2) == ((0.2, 3.0), (0.2, 1.5))
+    assert (config.betag_range, config.betap_range) == ((0.5, 4.0), (1.0, 2.0))
+    assert (config.sinc_prob, config.sinc_prob2, config.final_sinc_prob) == (0.1, 0.1, 0.8)
+    assert (config.resize_probs, config.resize_range) == ((0.2, 0.7, 0.1), (0.15, 1.5))
+    assert (config.resize_probs2, config.resize_range2) == ((0.3, 0.4, 0.3), (0.3, 1.2))
+    assert (config.noise_range, config.noise_range2) == ((1.0, 30.0), (1.0, 25.0))
+    assert (config.poisson_scale_range, config.poisson_scale_range2) == ((0.05, 3.0), (0.05, 2.5))
+    assert (config.gray_noise_prob, config.gray_noise_prob2) == (0.4, 0.4)
+    assert (config.jpeg_range, config.jpeg_range2) == ((30, 95), (30, 95))
+    assert config.second_blur_prob == 0.8
+    assert config.resize_modes == ("area", "bilinear", "bicubic")
+
+
+def test_config_is_frozen_overridable_and_validated():
+    config = DegradationConfig()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        config.sinc_prob = 0.5  # type: ignore[misc]
+    custom = dataclasses.replace(config, jpeg_range=[60, 90], noise_range2=(2.0, 5.0))
+    assert custom.jpeg_range == (60, 90) and custom.noise_range2 == (2.0, 5.0)
+    for bad in (
+        {"kernel_probs": (0.5, 0.5)},
+        {"kernel_sizes": (7, 8)},
+        {"resize_probs2": (0.5, 0.5, 0.5)},
+        {"jpeg_range": (30, 101)},
+        {"blur_sigma": (3.0, 0.2)},
+        {"blur_sigma2": (0.0, 1.0)},
+        {"resize_range": (1.2, 1.5)},
+        {"final_sinc_prob": 1.5},
+        {"resize_modes": ("nearest",)},
+        {"kernel_types": ("iso", "box"), "kernel_probs": (0.5, 0.5)},
+    ):
+        with pytest.raises(ValueError):
+            DegradationConfig(**bad)
+
+
+# --- kernels ---------------------------------------------------------------------------------------
+
+
+def test_isotropic_gaussian_matches_closed_form():
+    sigma, size = 1.3, 7
+    kernel = bivariate_kernel(size, sigma, sigma).double()
+    offsets = np.arange(size) - size // 2
+    one_d = np.exp(-(offsets**2) / (2 * sigma**2))
+    expected = np.outer(one_d, one_d) / one_d.sum() ** 2
+    np.testing.assert_allclose(kernel.numpy(), expected, rtol=1e-6, atol=1e-9)
+
+
+def test_anisotropic_gaussian_follows_its_axes():
+    # sigma_x along the rotated x axis: at theta = 90 degrees the long axis is vertical.
+    flat = bivariate_kernel(11, 3.0, 0.5, 0.0)
+    turned = bivariate_kernel(11, 3.0, 0.5, math.pi / 2)
+    assert flat[5, 0] > flat[0, 5]
+    torch.testing.assert_close(turned, flat.T, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_random_kernels_sum_to_one_and_have_odd_sizes(stage):
+    config = DegradationConfig()
+    g = _gen(stage)
+    sizes = set()
+    for _ in range(300):
+        kernel = random_kernel(config, g, stage=stage)
+        assert kernel.dtype == torch.float32 and kernel.ndim == 2
+        assert kernel.shape[0] == kernel.shape[1] and kernel.shape[0] % 2 == 1
+        assert 7 <= kernel.shape[0] <= 21
+        sizes.add(kernel.shape[0])
+        assert float(kernel.double().sum()) == pytest.approx(1.0, abs=1e-5)
+        # Every family is point-symmetric about the centre.
+        torch.testing.assert_close(kernel, kernel.flip(0, 1), rtol=1e-5, atol=1e-7)
+    assert sizes == set(config.kernel_sizes)
+
+
+@pytest.mark.parametrize("kind", ["iso", "generalized_iso", "plateau_iso", "sinc"])
+def test_isotropic_kernels_have_the_symmetries_of_the_square(kind):
+    if kind == "sinc":
+        config = DegradationConfig(sinc_prob=1.0)
+    else:
+        probs = tuple(1.0 if t == kind else 0.0 for t in KERNEL_TYPES)
+        config = DegradationConfig(kernel_probs=probs)
+    g = _gen(3)
+    for _ in range(20):
+        kernel = random_kernel(config, g)
+        assert float(kernel.double().sum()) == pytest.approx(1.0, abs=1e-5)
+        for symmetric in (kernel.flip(0), kernel.flip(1), kernel.T):
+            torch.testing.assert_close(kernel, symmetric, rtol=1e-5, atol=1e-7)
+
+
+def test_generalized_and_plateau_shapes():
+    gauss = bivariate_kernel(21, 2.0, 2.0)
+    assert torch.allclose(bivariate_kernel(21, 2.0, 2.0, kind="generalized", beta=1.0), gauss)
+    # A larger beta flattens the top and sharpens the fall-off; a plateau kernel has heavy tails.
+    flat_top = bivariate_kernel(21, 2.0, 2.0, kind="generalized", beta=4.0)
+    assert flat_top[10, 11] / flat_top[10, 10] > gauss[10, 11] / gauss[10, 10]
+    plateau = bivariate_kernel(21, 2.0, 2.0, kind="plateau", beta=1.0)
+    assert plateau[10, 0] / plateau[10, 10] > gauss[10, 0] / gauss[10, 10]
+    with pytest.raises(ValueError):
+        bivariate_kernel(8, 1.0, 1.0)
+    with pytest.raises(ValueError):
+        bivariate_kernel(7, 1.0, 1.0, kind="box")
+
+
+def test_sinc_kernel_is_a_symmetric_low_pass():
+    kernel = sinc_kernel(math.pi / 3, 21)
+    assert float(kernel.double().sum()) == pytest.approx(1.0, abs=1e-6)
+    for symmetric in (kernel.flip(0), kernel.flip(1), kernel.T):
+        torch.testing.assert_close(kernel, symmetric)
+    assert (kernel < 0).any(), "an ideal low-pass rings: some taps are negative"
+    response = torch.fft.fft2(kernel.double(), s=(64, 64)).abs()
+    assert float(response[0, 0]) == pytest.approx(1.0)
+    # Pass band below the cutoff (pi/3 = 10.7 of 64 bins), stop band well above it.
+    assert float(response[0, 4]) > 0.9
+    assert float(response[0, 20:44].max()) < 0.1
+    assert float(response[20:44, 20:44].max()) < 0.1
+
+
+# --- noise and JPEG --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gray", [False, True])
+def test_gaussian_noise_has_the_requested_sigma(gray):
+    flat = torch.full((3, 128, 128), 0.5)
+    noisy = add_gaussian_noise(flat, 12.0, _gen(5), gray=gray)
+    noise = (noisy - flat) * 255
+    assert float(noise.std()) == pytest.approx(12.0, rel=0.03)
+    assert abs(float(noise.mean())) < 0.3
+    if gray:
+        assert torch.equal(noise[0], noise[1]) and torch.equal(noise[1], noise[2])
+    else:
+        assert not torch.equal(noise[0], noise[1])
+
+
+def test_poisson_noise_variance_grows_with_the_signal():
+    image = torch.full((3, 128, 128), 0.2)
+    image[:, :, 64:] = 0.6
+    scale = 0.05
+    noise = add_poisson_noise(image, scale, _gen(6)) - image
+    # Two levels -> 2 counts per unit; the noise variance is scale**2 * signal / counts.
+    for region, signal in ((noise[:, :, :64], 0.2), (noise[:, :, 64:], 0.6)):
+        assert float(region.var()) == pytest.approx(scale**2 * signal / 2, rel=0.06)
+        assert abs(float(region.mean())) < 2e-4
+    gray = add_poisson_noise(image, scale, _gen(6), gray=True) - image
+    assert torch.equal(gray[0], gray[2])
+
+
+def test_jpeg_quality_is_monotonic_on_a_photo():
+    photo = _photos(1)[0]
+    scores = [_psnr(jpeg_compress(photo, q), photo) for q in (10, 30, 50, 70, 90, 95)]
+    assert scores == sorted(scores), scores
+    assert scores[-1] - scores[0] > 6
+    out = jpeg_compress(photo, 50)
+    assert out.shape == photo.shape and out.dtype == torch.float32
+    assert torch.equal(out, torch.round(out * 255) / 255)
+
+
+# --- bicubic ---------------------------------------------------------------------------------------
+
+
+def test_bicubic_degrade_shapes_and_values():
+    hq = torch.rand(2, 3, 32, 48, generator=_gen(1))
+    lq = bicubic_degrade(hq, 4)
+    assert lq.shape == (2, 3, 8, 12) and lq.dtype == torch.float32
+    assert float(lq.min()) >= 0 and float(lq.max()) <= 1
+    assert torch.equal(lq, torch.round(lq * 255) / 255)
+    assert bicubic_degrade(hq[0], 4).shape == (3, 8, 12)
+    with pytest.raises(ValueError):
+        bicubic_degrade(torch.rand(1, 3, 30, 32), 4)
+
+
+def test_bicubic_matches_matlab_imresize_rules():
+    # Constant stays constant; a linear ramp is sampled at the output pixel centres (interior).
+    constant = torch.full((1, 3, 24, 24), 0.25)
+    assert torch.allclose(bicubic_degrade(constant, 3, quantise=False), constant[..., :8, :8])
+    ramp = torch.linspace(0, 1, 64).expand(1, 3, 16, 64)
+    out = bicubic_degrade(ramp, 4, quantise=False)[0, 0, 0]
+    centres = ((torch.arange(16) + 0.5) * 4 - 0.5) / 63
+    torch.testing.assert_close(out[2:-2], centres[2:-2], rtol=0, atol=1e-6)
+    # Away from the borders it equals PyTorch's antialiased bicubic (the same Keys a = -0.5 kernel).
+    hq = torch.rand(1, 3, 64, 64, generator=_gen(2))
+    ours = bicubic_degrade(hq, 4, quantise=False)
+    torch_aa = F.interpolate(hq, size=(16, 16), mode="bicubic", antialias=True, align_corners=False)
+    torch.testing.assert_close(ours[..., 3:-3, 3:-3], torch_aa[..., 3:-3, 3:-3], rtol=0, atol=1e-5)
+
+
+# --- Real-ESRGAN pipeline --------------------------------------------------------------------------
+
+
+def test_realesrgan_shapes_ranges_and_levels():
+    hq = torch.rand(3, 3, 64, 96, generator=_gen(7))
+    before = hq.clone()
+    lq = realesrgan_degrade(hq, 4, DegradationConfig(), _gen(8))
+    assert lq.shape == (3, 3, 16, 24) and lq.dtype == torch.float32
+    assert float(lq.min()) >= 0 and float(lq.max()) <= 1
+    assert torch.equal(lq, torch.round(lq * 255) / 255)
+    assert torch.equal(hq, before), "the HQ input must not be modified"
+    assert realesrgan_degrade(hq[0], 2, None, _gen(8)).shape == (3, 32, 48)
+    with pytest.raises(ValueError):
+        realesrgan_degrade(torch.rand(1, 3, 62, 64), 4, None, _gen(0))
+
+
+def test_realesrgan_is_deterministic_under_a_seed():
+    hq = torch.rand(4, 3, 48, 48, generator=_gen(9))
+    first = realesrgan_degrade(hq, 4, None, _gen(123))
+    again = realesrgan_degrade(hq, 4, None, _gen(123))
+    other = realesrgan_degrade(hq, 4, None, _gen(124))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, other)
+    # Images of a batch get different degradations.
+    same = hq[:1].expand(2, -1, -1, -1)
+    pair = realesrgan_degrade(same, 4, None, _gen(5))
+    assert not torch.equal(pair[0], pair[1])
+
+
+def test_realesrgan_leaves_the_global_rng_alone():
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    realesrgan_degrade(torch.rand(1, 3, 32, 32, generator=_gen(1)), 4, None, _gen(2))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_realesrgan_degrades_more_than_bicubic_on_photos():
+    hq = _photos(4)
+    bicubic = _psnr(_upsample(bicubic_degrade(hq, 4), 4), hq)
+    real = _psnr(_upsample(realesrgan_degrade(hq, 4, None, _gen(11)), 4), hq)
+    assert real < bicubic - 1.0, (real, bicubic)
+
+
+def test_realesrgan_identity_config_is_close_to_plain_resize():
+    # No blur (kernels as narrow as possible), no resize, tiny noise, top JPEG quality, no sinc:
+    # what is left is close to a plain downscale.
+    config = DegradationConfig(
+        kernel_sizes=(1,),
+        kernel_sizes2=(1,),
+        sinc_prob=0.0,
+        sinc_prob2=0.0,
+        final_sinc_prob=0.0,
+        resize_probs=(0.0, 0.0, 1.0),
+        resize_probs2=(0.0, 0.0, 1.0),
+        resize_modes=("area",),
+        gaussian_noise_prob=1.0,
+        gaussian_noise_prob2=1.0,
+        noise_range=(0.0, 0.0),
+        noise_range2=(0.0, 0.0),
+        jpeg_range=(100, 100),
+        jpeg_range2=(100, 100),
+    )
+    hq = _photos(2, size=64)
+    lq = realesrgan_degrade(hq, 4, config, _gen(0))
+    assert _psnr(lq, F.avg_pool2d(hq, 4)) > 35
+
+
+# --- crops and flips -------------------------------------------------------------------------------
+
+
+def _symmetries(window: torch.Tensor) -> list[torch.Tensor]:
+    return [torch.rot90(w, k, dims=(-2, -1)) for w in (window, window.flip(-1)) for k in range(4)]
+
+
+def test_random_crop_flip_takes_a_window_of_the_image():
+    image = torch.arange(3 * 20 * 30, dtype=torch.float32).reshape(3, 20, 30)
+    g = _gen(4)
+    flipped = 0
+    for _ in range(20):
+        crop = random_crop_flip(image, 8, g)
+        assert crop.shape == (3, 8, 8)
+        corner = crop[0].min()  # values grow along rows and columns: the minimum is the top-left corner
+        top, left = divmod(int(corner), 30)
+        window = image[:, top : top + 8, left : left + 8]
+        assert torch.equal(crop, window) or torch.equal(crop, window.flip(-1))
+        flipped += torch.equal(crop, window.flip(-1))
+    assert 0 < flipped < 20
+
+
+def test_random_crop_flip_with_rotation_keeps_the_size():
+    image = torch.arange(3 * 20 * 30, dtype=torch.float32).reshape(3, 20, 30)
+    g = _gen(5)
+    seen = set()
+    for _ in range(40):
+        crop = random_crop_flip(image, (6, 10), g, rotate=True)
+        assert crop.shape == (3, 6, 10)
+        top, left = divmod(int(crop[0].min()), 30)
+        candidates = [image[:, top : top + h, left : left + w] for h, w in ((6, 10), (10, 6))]
+        matches = [
+            i
+            for c in candidates
+            for i, s in enumerate(_symmetries(c))
+            if s.shape == crop.shape and torch.equal(s, crop)
+        ]
+        assert matches
+        seen.update(matches)
+    assert len(seen) > 4
+
+
+def test_random_crop_flip_is_deterministic_and_checks_sizes():
+    image = torch.rand(2, 3, 40, 40, generator=_gen(0))
+    a = random_crop_flip(image, 16, _gen(9), rotate=True)
+    b = random_crop_flip(image, 16, _gen(9), rotate=True)
+    assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
+    with pytest.raises(ValueError):
+        random_crop_flip(image[0], 41, _gen(0))
+
+
+def test_crop_then_degrade_gives_an_lq_of_exactly_one_quarter():
+    photo = _photos(1, size=200)[0]
+    g = _gen(10)
+    hq = random_crop_flip(photo, 96, g, rotate=True)[None]
+    lq = realesrgan_degrade(hq, 4, None, g)
+    assert hq.shape == (1, 3, 96, 96) and lq.shape == (1, 3, 24, 24)
