@@ -1,27 +1,9 @@
 #!/usr/bin/env bash
-# The one test command: sets up .venv on first use (torch 2.13.0 CPU when no torch imports,
-# then the package with its test extras), then runs ruff and pytest. Later runs reuse the
-# environment and reinstall only when pyproject.toml changed. Extra arguments go to pytest.
+# The one test command: set up .venv (scripts/setup.sh), then ruff and pytest.
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-
-venv="${RESSHIFT_VENV:-.venv}"
-if [ ! -x "$venv/bin/python" ]; then
-    python3 -m venv "$venv"
-fi
-py="$venv/bin/python"
-
-if ! "$py" -c "import torch" >/dev/null 2>&1; then
-    # Pinned: a looser requirement would make pip fetch the newest CUDA build (several GB).
-    "$py" -m pip install --quiet --disable-pip-version-check "torch==2.13.0"
-fi
-
-stamp="$venv/.resshift-installed"
-want="$(sha256sum pyproject.toml | cut -d' ' -f1)"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
-    "$py" -m pip install --quiet --disable-pip-version-check -e ".[test]"
-    echo "$want" > "$stamp"
-fi
-
+bash scripts/setup.sh
+py="${RESSHIFT_VENV:-.venv}/bin/python"
 "$py" -m ruff check .
 exec "$py" -m pytest "$@"
