@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from resshift_cli.imageio import IMAGE_SUFFIXES, output_extension
 
@@ -165,8 +164,8 @@ class Record:
     notices: list[str] = field(default_factory=list)
 
     def as_json(self) -> str:
-        data: dict[str, Any] = {k: v for k, v in self.__dict__.items() if v is not None}
-        return json.dumps(data)
+        """Every field, unknown ones as null, so that each record has the same keys."""
+        return json.dumps(self.__dict__)
 
 
 @dataclass

@@ -6,6 +6,7 @@ torch is imported only by the commands that need it, so ``--help`` and ``--versi
 from __future__ import annotations
 
 import functools
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +27,8 @@ Exit codes:
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _PathArg = click.Path(path_type=Path)
+# The device names runtime.resolve_device accepts, checked here without importing torch.
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _registry_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -34,6 +37,13 @@ def _registry_option(f: Callable[..., Any]) -> Callable[..., Any]:
         type=click.Path(path_type=Path, dir_okay=False),
         help="A weights registry file of your own, merged over the built-in one (also: RESSHIFT_REGISTRY).",
     )(f)
+
+
+def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+    """A malformed --device is a usage error (exit 2); an unavailable one fails at load (exit 3)."""
+    if not _DEVICE.fullmatch(value):
+        raise click.BadParameter(f"{value!r}; use auto, cpu, cuda, cuda:N or mps")
+    return value
 
 
 def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -86,7 +96,11 @@ def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Cal
                 help="Tiles per forward pass.",
             ),
             click.option(
-                "--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:N or mps."
+                "--device",
+                default="auto",
+                show_default=True,
+                callback=_check_device,
+                help="auto, cpu, cuda, cuda:N or mps.",
             ),
             click.option(
                 "--precision",
