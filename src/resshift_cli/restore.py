@@ -7,17 +7,19 @@ on. The exit code says whether everything was done.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from resshift_cli.batch import (
     EXIT_MODEL,
+    EXIT_OK,
     Job,
     Plan,
     Record,
     Summary,
     partition_existing,
 )
+from resshift_cli.distributed import World
 from resshift_cli.imageio import DEFAULT_MAX_PIXELS, ImageError, load_image, save_image
 from resshift_cli.progress import Reporter
 
@@ -48,13 +50,37 @@ class ModelUnavailable(Exception):
 
 
 def run(plan: Plan, settings: RestoreSettings) -> int:
-    """Restore every job of ``plan``; returns the exit code."""
-    with Reporter(quiet=settings.quiet, json_records=settings.json) as reporter:
+    """Restore every job of ``plan`` (this rank's share under torchrun); returns the exit code."""
+    world = World.from_env()
+    device = world.device_name(settings.device)
+    settings = replace(settings, device=device)
+    world.start("cuda" if device.startswith("cuda") else "cpu")
+    try:
+        records, model_failed, started = _run_share(world, plan, settings)
+        records = world.gather(records)
+        failed_ranks = world.gather([model_failed])
+        code = EXIT_OK
+        if world.is_main and any(failed_ranks):
+            code = EXIT_MODEL
+        elif world.is_main:
+            summary = Summary(records=records, started=started)
+            with Reporter(quiet=settings.quiet) as reporter:
+                reporter.summary(summary, ignored=len(plan.ignored))
+            code = summary.exit_code
+        return world.broadcast(code)
+    finally:
+        world.stop()
+
+
+def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[list[Record], bool, float]:
+    """Restore this rank's jobs; returns their records, whether the model failed, the start time."""
+    quiet = settings.quiet or not world.is_main
+    summary = Summary()
+    with Reporter(quiet=quiet, json_records=settings.json) as reporter:
         for notice in plan.notices:
             reporter.notice(notice)
-        todo, skipped, refused = partition_existing(plan.jobs, settings.overwrite)
-        summary = Summary()
-        reporter.start(len(plan.jobs))
+        todo, skipped, refused = partition_existing(world.shard(plan.jobs), settings.overwrite)
+        reporter.start(len(todo) + len(skipped) + len(refused))
         for job in skipped:
             record = Record(str(job.source), str(job.output), "skipped", notices=["output exists; skipped"])
             summary.records.append(record)
@@ -64,19 +90,20 @@ def run(plan: Plan, settings: RestoreSettings) -> int:
             record = Record(str(job.source), str(job.output), "failed", error=error)
             summary.records.append(record)
             reporter.end_image(record)
-        if todo:
-            try:
-                process = _processor(settings, reporter)
-            except ModelUnavailable as exc:
-                reporter.error(str(exc))
-                return EXIT_MODEL
-            for job in todo:
-                reporter.begin_image(job.source.name)
-                record = process(job)
-                summary.records.append(record)
-                reporter.end_image(record)
-        reporter.summary(summary, ignored=len(plan.ignored))
-        return summary.exit_code
+        if not todo:
+            return summary.records, False, summary.started
+        try:
+            process = _processor(settings, reporter)
+        except ModelUnavailable as exc:
+            reporter.error(str(exc))
+            summary.records += [Record(str(j.source), str(j.output), "failed", error=str(exc)) for j in todo]
+            return summary.records, True, summary.started
+        for job in todo:
+            reporter.begin_image(job.source.name)
+            record = process(job)
+            summary.records.append(record)
+            reporter.end_image(record)
+    return summary.records, False, summary.started
 
 
 def _processor(settings: RestoreSettings, reporter: Reporter):
