@@ -466,7 +466,7 @@ def test_output_onto_its_own_input_is_refused(tmp_path: Path, registry: Path) ->
         (["inpaint", "a.png", "-o", "out"], "Missing option '--mask'"),
         (["inpaint", "a.png", "--mask", "nomask.png", "-o", "out"], "mask not found"),
         (["inpaint", "a.png", "b.png", "--mask", "taken.png", "-o", "out"], "need --mask DIR"),
-        (["inpaint", "a.png", "b.png", "--mask", "masks", "-o", "out"], "no mask for b.png"),
+        (["sr", "a.png", "b.png", "-o", "new.png"], "need an output directory"),
         (["face", "-o", "out"], "give face images, or --batch DIR"),
         (["face", "--batch", "a.png", "-o", "out"], "Invalid value for '--batch'"),
         (["weights", "convert", "missing.pth", "out.safetensors"], "does not exist"),
@@ -488,6 +488,21 @@ def test_usage_errors_exit_2(
     assert result.exit_code == 2
     assert message in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_a_missing_mask_fails_only_its_image(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Path
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path / "a.png", noise(64, 64))
+    write(tmp_path / "b.png", noise(64, 64))
+    mask = np.zeros((64, 64), dtype=np.uint8)
+    mask[20:40, 20:40] = 255
+    write(tmp_path / "masks" / "a.png", mask)
+    result = restore("inpaint", registry, "a.png", "b.png", "--mask", "masks", "-o", "out")
+    assert result.exit_code == 1
+    assert "no mask for b.png" in result.stderr
+    assert (tmp_path / "out" / "a.png").exists() and not (tmp_path / "out" / "b.png").exists()
 
 
 def test_usage_error_exit_code_of_the_entry_point(tmp_path: Path) -> None:

@@ -108,8 +108,10 @@ def plan_jobs(
         )
     single_file = len(images) == 1 and images[0][1] is None
     to_file = single_file and output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir()
-    if not single_file and output.exists() and not output.is_dir():
-        raise PlanError(f"-o {output}: several inputs need an output directory, and this is a file")
+    if not single_file and (
+        output.is_file() or (output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir())
+    ):
+        raise PlanError(f"-o {output}: several inputs need an output directory, not an image file name")
     plan = Plan(jobs=[], ignored=ignored)
     claimed: dict[Path, Path] = {}
     for source, root in images:
@@ -142,7 +144,7 @@ def _mask_for(source: Path, masks: Path | None, single_file: bool) -> Path | Non
         for candidate in sorted(masks.iterdir()):
             if candidate.stem == source.stem and candidate.suffix.lower() in IMAGE_SUFFIXES:
                 return candidate
-        raise PlanError(f"no mask for {source.name} in {masks} (masks are matched by file stem)")
+        return None
     if not masks.exists():
         raise PlanError(f"mask not found: {masks}")
     if not single_file:

@@ -241,6 +241,16 @@ class ResShiftDiffusion:
             return lq
         return F.interpolate(lq, scale_factor=self.sf, mode="bicubic")
 
+    def network_lq(self, lq: torch.Tensor, autoencoder: torch.nn.Module | None) -> torch.Tensor:
+        """The LQ image the network is conditioned on, for sampling and training alike.
+
+        With an autoencoder it is ``lq`` itself, as upstream (for x4 SR with an f4 autoencoder the
+        LQ already has the latent's size). In pixel space the network runs at the output size and
+        its feature extractor can only shrink the LQ, so it gets the bicubic upsampling of ``lq``
+        (the same y0 the chain starts from); such a model has ``lq_size == image_size``.
+        """
+        return lq if autoencoder is not None else self.upsample(lq)
+
     def encode(self, image: torch.Tensor, autoencoder: torch.nn.Module | None) -> torch.Tensor:
         """Image -> diffusion space (latent times scale_factor), or the image itself in pixel space."""
         if autoencoder is None:
@@ -277,7 +287,7 @@ class ResShiftDiffusion:
         return self.reverse(
             z_y,
             unet,
-            lq=lq,
+            lq=self.network_lq(lq, autoencoder),
             mask=mask,
             noise=noise,
             generator=generator,

@@ -77,13 +77,17 @@ class Reporter:
                 self._current = None
             if self._images is not None:
                 self._progress.advance(self._images)
-        if self.json_records:
-            sys.stdout.write(record.as_json() + "\n")
-            sys.stdout.flush()
+        self.emit(record)
         if record.status == "failed":
             self.error(f"{record.input}: {record.error}")
         for notice in record.notices:
             self.notice(f"{record.input}: {notice}")
+
+    def emit(self, record: Record) -> None:
+        """Print ``record`` as a JSON line on stdout, when asked for ``--json``."""
+        if self.json_records:
+            sys.stdout.write(record.as_json() + "\n")
+            sys.stdout.flush()
 
     def notice(self, message: str) -> None:
         if not self.quiet:

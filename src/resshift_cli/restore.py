@@ -96,7 +96,10 @@ def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[lis
             process = _processor(settings, reporter)
         except ModelUnavailable as exc:
             reporter.error(str(exc))
-            summary.records += [Record(str(j.source), str(j.output), "failed", error=str(exc)) for j in todo]
+            for job in todo:
+                record = Record(str(job.source), str(job.output), "failed", error=str(exc))
+                summary.records.append(record)
+                reporter.emit(record)
             return summary.records, True, summary.started
         for job in todo:
             reporter.begin_image(job.source.name)
@@ -127,6 +130,8 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
             )
         device = resolve_device(settings.device)
         precision = autocast_dtype(device, settings.precision)
+        if device.type == "cpu" and precision == torch.float16:
+            reporter.notice("fp16 on the CPU is many times slower than fp32 or bf16")
         reporter.info(
             f"loading {spec.name} on {device} "
             f"({'fp32' if precision is None else str(precision).removeprefix('torch.')})"
@@ -158,7 +163,8 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
             record.size = image.size
             record.notices += image.notices
             if settings.task == "inpaint":
-                assert job.mask is not None
+                if job.mask is None:
+                    raise tasks.MaskError(f"no mask for {job.source.name} (masks are matched by file stem)")
                 mask = load_image(job.mask, max_pixels=settings.max_pixels)
                 hole = tasks.hole_mask(mask.rgb)
                 result = tasks.inpaint(restorer, image, hole, options, reporter.image_progress)

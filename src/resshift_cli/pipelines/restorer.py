@@ -143,9 +143,10 @@ class Restorer:
         factor = self.autoencoder.downsample_factor if self.autoencoder is not None else 1
         latent_pixels = padded_h * padded_w * (self.scale / factor) ** 2
         budget = 0.5 * free_memory_bytes(self.device)
-        if self.scale % factor == 0 and latent_pixels * self.unet_bytes_per_latent_pixel() < budget:
+        fits = latent_pixels * self.unet_bytes_per_latent_pixel() < budget
+        if self.autoencoder is not None and self.scale % factor == 0 and fits:
             return self._latent_whole(image, mask, seed, tile_size, overlap, batch_size, progress)
-        overlap = min(overlap, tile_size - m)
+        overlap = min(overlap, tile_size // 2)
         n_tiles = len(plan_tiles(padded_h, padded_w, tile_size, overlap, m))
         progress.total = math.ceil(n_tiles / batch_size) * self.diffusion.num_timesteps
         return self._whole_chain_tiles(image, mask, seed, tile_size, overlap, batch_size, progress)
@@ -212,14 +213,16 @@ class Restorer:
             mask_pm = pad_to_multiple(mask, self.lq_multiple)[0].to(self.device, torch.float32) * 2 - 1
         latent_scale = self.scale // factor
         latent_tile = max(1, tile * latent_scale)
-        latent_overlap = max(2, overlap * latent_scale // 2)
-        enc_tiles = len(plan_tiles(*lq.shape[-2:], tile, min(overlap, tile - 1)))
+        # Overlaps are capped at half a tile: more would multiply the tiles, not improve blending.
+        overlap = min(overlap, tile // 2)
+        latent_overlap = min(max(2, overlap * latent_scale // 2), latent_tile // 2)
+        enc_tiles = len(plan_tiles(*lq.shape[-2:], tile, overlap))
         dec_tiles = len(
             plan_tiles(
                 lq.shape[-2] * latent_scale,
                 lq.shape[-1] * latent_scale,
                 latent_tile,
-                min(latent_overlap, latent_tile - 1),
+                latent_overlap,
             )
         )
         steps = self.diffusion.num_timesteps
@@ -243,7 +246,7 @@ class Restorer:
                 lq,
                 scale=latent_scale,
                 tile=tile,
-                overlap=min(overlap, tile - 1),
+                overlap=overlap,
                 multiple=1,
                 batch_size=batch_size,
             )
@@ -258,7 +261,7 @@ class Restorer:
                 latent,
                 scale=factor,
                 tile=latent_tile,
-                overlap=min(latent_overlap, latent_tile - 1),
+                overlap=latent_overlap,
                 multiple=1,
                 batch_size=batch_size,
                 out_device="cpu",

@@ -1,0 +1,800 @@
+"""The training loop behind ``resshift train``: ResShift's x0-prediction loss on pairs made on the fly.
+
+One step: take the global batch of (HQ crop, LQ) pairs for this step, encode HQ and the bicubic
+upsampled LQ (latent space, frozen autoencoder) or keep them as pixels, draw timesteps and noise,
+and minimise ``diffusion.training_loss`` with AdamW; then update the EMA weights. The network is
+conditioned on :meth:`ResShiftDiffusion.network_lq`: the LQ itself in latent space, as upstream,
+and its bicubic upsampling in pixel space, where the network runs at the output size and its
+feature extractor could only shrink the LQ (so a pixel-space model has ``lq_size == image_size``);
+the sampler uses the same rule, so trained models restore with ``resshift sr`` unchanged.
+
+Exact resumption: every random draw comes from a generator seeded by (seed, purpose, step[, sample])
+(see :mod:`resshift_cli.training.data`); the global torch RNG (dropout) is reseeded from (seed, step,
+rank) before each step; the learning rate is a function of the step. A checkpoint thus only needs
+the weights, the EMA weights, the optimizer (and fp16 gradient-scaler) state and the step, and a
+resumed run repeats the uninterrupted one bit for bit on the CPU.
+
+Checkpoint ``<output_dir>/checkpoints/step-NNNNNNN/``:
+
+* ``model.safetensors``, ``ema.safetensors``: UNet state dicts (plain upstream keys);
+* ``optimizer.safetensors``: optimizer tensors keyed ``<parameter name>.<state name>``;
+* ``state.json``: step, data position, seed, config hash and the trajectory config, the optimizer's
+  parameter groups and non-tensor state, the gradient scaler's state, the last validation scores.
+
+No pickle anywhere. At the end ``<output_dir>/<name>.safetensors`` holds the EMA weights and
+``<output_dir>/registry.toml`` an entry for them (``resshift sr --registry ... --model <name>``).
+
+Several processes (``torchrun --nproc-per-node N``): WORLD_SIZE/RANK/LOCAL_RANK are read from the
+environment, the process group uses NCCL on CUDA and Gloo on the CPU, each process takes its slice
+of the global batch, DistributedDataParallel averages the gradients, and only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import re
+import shutil
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from resshift_cli.checkpoints import load_into, read_state_dict, save_safetensors
+from resshift_cli.diffusion import ResShiftDiffusion
+from resshift_cli.metrics import psnr, ssim
+from resshift_cli.models.autoencoder import VQAutoencoder
+from resshift_cli.models.unet import UNet
+from resshift_cli.runtime import resolve_device
+from resshift_cli.training.config import (
+    OptimConfig,
+    TrainConfig,
+    TrainConfigError,
+    config_hash,
+    dump_toml,
+    is_path_like,
+    trajectory_dict,
+)
+from resshift_cli.training.data import (
+    PairMaker,
+    StepBatches,
+    ValPair,
+    derive_seed,
+    generator,
+    list_images,
+    validation_pairs,
+)
+
+__all__ = [
+    "CHECKPOINT_FORMAT",
+    "TrainResult",
+    "latest_checkpoint",
+    "load_optimizer_state",
+    "lr_at",
+    "optimizer_state",
+    "run_training",
+    "update_ema",
+]
+
+CHECKPOINT_FORMAT = "resshift-train-checkpoint/1"
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced."""
+
+    step: int
+    """Optimizer steps done in total (including those before a resume)."""
+    weights: Path
+    """The final EMA weights (safetensors, plain UNet keys): the model to use."""
+    checkpoint: Path
+    """The last checkpoint directory."""
+    log: Path
+    """The JSONL log: ``{"step", "loss", "lr", "grad_norm"}`` and ``{"step", "val_psnr", "val_ssim"}``."""
+    registry: Path
+    """A registry file with an entry for the trained model."""
+    loss: float | None
+    """Mean loss of the last logged interval (None if this call ran no step)."""
+    validation: dict[str, float] | None
+    """The last validation scores, if any (rank 0 of a distributed run; None on the others)."""
+
+
+# ---------------------------------------------------------------------------------------------------
+# Schedule and EMA.
+
+
+def lr_at(step: int, optim: OptimConfig, total_steps: int) -> float:
+    """Learning rate of optimizer step ``step`` (1-based): linear warm-up, then constant or cosine.
+
+    Warm-up reaches ``lr`` at step ``warmup_steps``; the cosine then falls to ``min_lr`` at
+    ``total_steps``.
+    """
+    if step <= optim.warmup_steps:
+        return optim.lr * step / optim.warmup_steps
+    if optim.schedule == "constant":
+        return optim.lr
+    progress = min(1.0, (step - optim.warmup_steps) / max(1, total_steps - optim.warmup_steps))
+    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """``ema = decay * ema + (1 - decay) * model`` for every parameter; buffers are copied."""
+    for averaged, current in zip(ema.parameters(), model.parameters(), strict=True):
+        averaged.mul_(decay).add_(current.detach(), alpha=1 - decay)
+    for averaged, current in zip(ema.buffers(), model.buffers(), strict=True):
+        averaged.copy_(current)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Optimizer state as tensors + JSON.
+
+
+def _param_names(optimizer: torch.optim.Optimizer, model: nn.Module) -> list[str]:
+    """The model's name of each optimizer parameter, in the optimizer's (state-dict) order."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+
+
+def optimizer_state(
+    optimizer: torch.optim.Optimizer, model: nn.Module
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The optimizer's state split into tensors (``<param name>.<state name>``) and JSON values."""
+    names = _param_names(optimizer, model)
+    state_dict = optimizer.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, state in state_dict["state"].items():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{names[index]}.{key}"] = value
+            else:
+                scalars.setdefault(names[index], {})[key] = value
+    groups = [
+        {k: list(v) if isinstance(v, tuple) else v for k, v in group.items() if k != "params"}
+        for group in state_dict["param_groups"]
+    ]
+    return tensors, {"param_groups": groups, "state": scalars}
+
+
+def load_optimizer_state(
+    optimizer: torch.optim.Optimizer,
+    model: nn.Module,
+    tensors: Mapping[str, torch.Tensor],
+    meta: Mapping[str, Any],
+) -> None:
+    """Restore what :func:`optimizer_state` saved (matched by parameter name, so order-proof)."""
+    index = {name: i for i, name in enumerate(_param_names(optimizer, model))}
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, _, sub = key.rpartition(".")
+        if name not in index:
+            raise TrainConfigError(f"optimizer state for unknown parameter {name!r}; is it the same model?")
+        state.setdefault(index[name], {})[sub] = value
+    for name, values in meta["state"].items():
+        state.setdefault(index[name], {}).update(values)
+    groups = []
+    start = 0
+    for saved, current in zip(meta["param_groups"], optimizer.param_groups, strict=True):
+        group = {k: tuple(v) if isinstance(v, list) else v for k, v in saved.items()}
+        group["params"] = list(range(start, start + len(current["params"])))
+        start += len(current["params"])
+        groups.append(group)
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# ---------------------------------------------------------------------------------------------------
+# Processes and devices.
+
+
+@dataclass(frozen=True)
+class _Processes:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _processes() -> _Processes:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    return _Processes(rank, world_size, int(os.environ.get("LOCAL_RANK", str(rank))))
+
+
+def _device(name: str, procs: _Processes) -> torch.device:
+    device = resolve_device(name)
+    if device.type == "cuda" and procs.world_size > 1:
+        device = torch.device("cuda", procs.local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    if precision == "fp32":
+        return None
+    if device.type != "cuda":
+        raise TrainConfigError(f"train.precision = {precision!r} needs CUDA; use fp32 on {device.type}")
+    if precision == "bf16" and not torch.cuda.is_bf16_supported():
+        raise TrainConfigError("train.precision: bf16 is not supported by this GPU; use fp16 or fp32")
+    return torch.float16 if precision == "fp16" else torch.bfloat16
+
+
+# ---------------------------------------------------------------------------------------------------
+# Models.
+
+
+@dataclass
+class _Models:
+    unet: UNet
+    diffusion: ResShiftDiffusion
+    autoencoder: VQAutoencoder | None
+    unet_params: dict[str, Any]
+    diffusion_params: dict[str, Any]
+    autoencoder_params: dict[str, Any] | None
+    autoencoder_path: Path | None
+
+
+def _build_models(config: TrainConfig, quiet: bool) -> _Models:
+    """Build the UNet (random, or ``init``'s weights) and the frozen autoencoder, all on the CPU."""
+    from resshift_cli import hub
+    from resshift_cli.registry import load_registry
+
+    model = config.model
+    registry = load_registry(model.registry)
+    unet_params = dict(model.unet)
+    diffusion_params = dict(model.diffusion)
+    ae_name = model.autoencoder
+    init_spec = None
+    if model.init is not None and not is_path_like(model.init):
+        init_spec = registry.model(model.init)
+        unet_params = {**init_spec.unet, **unet_params}
+        diffusion_params = {**init_spec.diffusion, **diffusion_params}
+        ae_name = ae_name if ae_name is not None else init_spec.autoencoder
+
+    ae_params: dict[str, Any] | None = None
+    ae_path: Path | None = None
+    if ae_name is not None and is_path_like(ae_name):
+        ae_params, ae_path = dict(model.autoencoder_params or {}), Path(ae_name)
+    elif ae_name is not None:
+        spec = registry.autoencoder(ae_name)
+        ae_params = {"embed_dim": spec.embed_dim, "n_embed": spec.n_embed, "ddconfig": dict(spec.ddconfig)}
+        ae_path = hub.fetch(ae_name, registry, quiet=quiet)[ae_name]
+
+    try:
+        unet = UNet(**unet_params)
+    except (TypeError, ValueError) as exc:
+        raise TrainConfigError(f"model.unet: {exc}") from None
+    try:
+        diffusion = ResShiftDiffusion(**diffusion_params)
+    except (TypeError, ValueError) as exc:
+        raise TrainConfigError(f"model.diffusion: {exc}") from None
+    if model.init is not None:
+        if init_spec is not None:
+            init_path = hub.resolve_model(init_spec, registry, autoencoder=ae_path, quiet=quiet).unet_path
+        else:
+            init_path = Path(model.init)
+        load_into(unet, read_state_dict(init_path), f"the UNet (model.init = {model.init!r})")
+
+    autoencoder = None
+    if ae_params is not None and ae_path is not None:
+        try:
+            autoencoder = VQAutoencoder(**ae_params)
+        except (TypeError, KeyError, ValueError) as exc:
+            raise TrainConfigError(f"model.autoencoder_params: {exc}") from None
+        load_into(autoencoder, read_state_dict(ae_path), f"the autoencoder {ae_name!r}")
+        autoencoder.eval().requires_grad_(False)
+    return _Models(unet, diffusion, autoencoder, unet_params, diffusion_params, ae_params, ae_path)
+
+
+def _check_shapes(config: TrainConfig, models: _Models) -> None:
+    """Refuse, with the reason, a model/crop combination the network cannot run on."""
+    unet, diffusion, ae = models.unet, models.diffusion, models.autoencoder
+    sf = diffusion.sf
+    if not unet.cond_lq or unet.cond_mask:
+        raise TrainConfigError(
+            "model.unet: super-resolution training needs cond_lq = true, cond_mask = false"
+        )
+    if ae is None:
+        if diffusion.latent_flag:
+            raise TrainConfigError("model.diffusion.latent_flag must be false for a pixel-space model")
+        if unet.in_channels != 3 or unet.out_channels != 3:
+            raise TrainConfigError("model.unet: a pixel-space model needs in_channels = out_channels = 3")
+        if unet.lq_factor != 1:
+            raise TrainConfigError(
+                "model.unet: a pixel-space model is conditioned on the upsampled LQ at the output size, "
+                "so lq_size must equal image_size"
+            )
+        factor = 1
+    else:
+        if not diffusion.latent_flag:
+            raise TrainConfigError("model.diffusion.latent_flag must be true with an autoencoder")
+        if unet.in_channels != ae.embed_dim or unet.out_channels != ae.embed_dim:
+            raise TrainConfigError(
+                f"model.unet: in_channels and out_channels must be the autoencoder's {ae.embed_dim} channels"
+            )
+        factor = ae.downsample_factor
+        if factor != sf * unet.lq_factor:
+            raise TrainConfigError(
+                f"model.unet: the LQ (1/{sf} of the crop) must be lq_size/image_size = {unet.lq_factor} "
+                f"times the latent (1/{factor} of the crop)"
+            )
+    multiple = math.lcm(factor * unet.size_multiple, sf)
+    for key, crop in (("data.crop", config.data.crop), ("data.val_crop", config.data.val_crop)):
+        if crop is not None and crop % multiple:
+            raise TrainConfigError(f"{key} = {crop} must be a multiple of {multiple} for this model")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints.
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    """The complete checkpoint of the highest step under ``output_dir/checkpoints``, or None."""
+    return next(iter(_checkpoints(output_dir)), None)
+
+
+def _checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, newest first."""
+    root = output_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := _STEP_DIR.fullmatch(p.name)) and (p / "state.json").is_file()
+    ]
+    return [p for _, p in sorted(found, reverse=True)]
+
+
+def _save_checkpoint(
+    directory: Path,
+    unet: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+    state: dict[str, Any],
+) -> None:
+    """Write a checkpoint directory atomically (a temporary directory, renamed when complete)."""
+    tmp = directory.with_name(f".{directory.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_safetensors(unet.state_dict(), tmp / "model.safetensors")
+    save_safetensors(ema.state_dict(), tmp / "ema.safetensors")
+    tensors, meta = optimizer_state(optimizer, unet)
+    save_safetensors(tensors, tmp / "optimizer.safetensors")
+    full = {**state, "optimizer": meta, "grad_scaler": scaler.state_dict() if scaler is not None else None}
+    (tmp / "state.json").write_text(json.dumps(full, indent=1) + "\n", encoding="utf-8")
+    shutil.rmtree(directory, ignore_errors=True)
+    os.replace(tmp, directory)
+
+
+def _load_checkpoint(
+    directory: Path,
+    config: TrainConfig,
+    unet: nn.Module,
+    ema: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler | None,
+) -> dict[str, Any]:
+    state = json.loads((directory / "state.json").read_text(encoding="utf-8"))
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise TrainConfigError(f"{directory}: not a checkpoint of this trainer ({state.get('format')!r})")
+    if state["config_hash"] != config_hash(config):
+        changed = _changed_keys(state["config"], trajectory_dict(config))
+        raise TrainConfigError(
+            f"{directory}: the configuration changed since this checkpoint ({', '.join(changed)}); "
+            "resuming would not continue the same run"
+        )
+    load_into(unet, read_state_dict(directory / "model.safetensors"), "the UNet (checkpoint)")
+    load_into(ema, read_state_dict(directory / "ema.safetensors"), "the EMA UNet (checkpoint)")
+    from safetensors.torch import load_file
+
+    load_optimizer_state(
+        optimizer, unet, load_file(str(directory / "optimizer.safetensors")), state["optimizer"]
+    )
+    if scaler is not None:
+        scaler.load_state_dict(state["grad_scaler"])
+    return state
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return out
+    return [] if old == new else [prefix.rstrip(".")]
+
+
+def _prune(output_dir: Path, keep: int) -> None:
+    if keep:
+        for old in _checkpoints(output_dir)[keep:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Log and validation.
+
+
+class _Log:
+    """The JSONL log (rank 0 only); a resumed run drops the records after its checkpoint."""
+
+    def __init__(self, path: Path, enabled: bool, start_step: int) -> None:
+        self.path = path
+        self.enabled = enabled
+        if not enabled:
+            return
+        kept = []
+        if start_step and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    step = json.loads(line)["step"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue  # a line cut short by a crash
+                if step <= start_step:
+                    kept.append(line + "\n")
+        path.write_text("".join(kept), encoding="utf-8")
+
+    def write(self, record: Mapping[str, Any]) -> None:
+        if self.enabled:
+            with self.path.open("a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+class _Progress:
+    """A rich progress bar with loss and learning rate (nothing when quiet or not rank 0)."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.progress = None
+        if not enabled:
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
+
+        self.console = Console(stderr=True)
+        self.progress = Progress(
+            TextColumn("training"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[status]}"),
+            console=self.console,
+        )
+        self.task = self.progress.add_task("train", total=total, completed=start, status="")
+
+    def __enter__(self) -> _Progress:
+        if self.progress is not None:
+            self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.progress is not None:
+            self.progress.stop()
+
+    def notice(self, message: str) -> None:
+        if self.progress is not None:
+            self.progress.console.print(message, markup=False, highlight=False)
+
+    def advance(self, status: str | None = None) -> None:
+        if self.progress is not None:
+            fields = {"status": status} if status is not None else {}
+            self.progress.update(self.task, advance=1, **fields)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The run.
+
+
+def run_training(config: TrainConfig, *, resume: bool, quiet: bool) -> TrainResult:
+    """Train (or, with ``resume``, continue training) the model described by ``config``.
+
+    Without ``resume`` the output directory must hold no checkpoint; with it, training continues
+    from the latest one and repeats exactly what an uninterrupted run would have done. Started by
+    ``torchrun`` it runs one process of a distributed run (see the module docstring). The caller's
+    global RNG state is left as it was.
+    """
+    procs = _processes()
+    device = _device(config.train.device, procs)
+    started_group = False
+    if procs.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        started_group = True
+    fork_devices = [device.index or 0] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=fork_devices):
+            return _Run(config, procs, device, resume=resume, quiet=quiet).train()
+    finally:
+        if started_group:
+            dist.destroy_process_group()
+
+
+class _Run:
+    """One process's share of a training run: models, optimizer, data, and the loop."""
+
+    def __init__(
+        self, config: TrainConfig, procs: _Processes, device: torch.device, *, resume: bool, quiet: bool
+    ) -> None:
+        self.config = config
+        self.procs = procs
+        self.device = device
+        self.quiet = quiet
+        self.out = config.output_dir
+        self.dtype = _autocast_dtype(config.train.precision, device)
+
+        self.resumed_from = latest_checkpoint(self.out)
+        if resume and self.resumed_from is None:
+            raise TrainConfigError(f"{self.out}: no checkpoint to resume from")
+        if not resume and self.resumed_from is not None:
+            raise TrainConfigError(
+                f"{self.out}: already holds checkpoints; resume the run or choose another output_dir"
+            )
+
+        torch.manual_seed(derive_seed(config.seed, "init"))
+        # Rank 0 first: it alone downloads missing weights, the others then find them cached.
+        self._barrier(not procs.main)
+        self.models = _build_models(config, quiet)
+        self._barrier(procs.main)
+        _check_shapes(config, self.models)
+        self.unet = self.models.unet.to(device)
+        if self.models.autoencoder is not None:
+            self.models.autoencoder.to(device)
+        self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        optim = config.optim
+        self.optimizer = torch.optim.AdamW(
+            self.unet.parameters(),
+            lr=optim.lr,
+            betas=optim.betas,
+            eps=optim.eps,
+            weight_decay=optim.weight_decay,
+        )
+        self.scaler = torch.amp.GradScaler(device.type) if self.dtype == torch.float16 else None
+
+        self.start = 0
+        self.validation: dict[str, float] | None = None
+        if self.resumed_from is not None:
+            state = _load_checkpoint(
+                self.resumed_from, config, self.unet, self.ema, self.optimizer, self.scaler
+            )
+            self.start = int(state["step"])
+            self.validation = state.get("validation")
+
+        data = config.data
+        sf = self.models.diffusion.sf
+        paths, self.skipped = list_images(data.train, data.crop)
+        self.maker = PairMaker(
+            paths, data.crop, sf, data.degradation, data.realesrgan, data.rotate, config.seed
+        )
+        self.val_pairs: list[ValPair] = []
+        if data.val is not None and procs.main:
+            self.val_pairs = validation_pairs(
+                data.val,
+                data.val_images,
+                data.val_crop or data.crop,
+                sf,
+                data.degradation,
+                data.realesrgan,
+                config.seed,
+            )
+        self.net: nn.Module = self.unet
+        if procs.world_size > 1:
+            device_ids = [device.index] if device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(self.unet, device_ids=device_ids)
+
+    def _barrier(self, wait: bool) -> None:
+        if wait and self.procs.world_size > 1:
+            dist.barrier()
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def train(self) -> TrainResult:
+        config, procs, out = self.config, self.procs, self.out
+        total = config.train.steps
+        if procs.main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "config.toml").write_text(dump_toml(config.to_dict()), encoding="utf-8")
+        log = _Log(out / "log.jsonl", procs.main, self.start)
+        batches = StepBatches(
+            self.maker, self.start + 1, total, config.train.batch_size, procs.rank, procs.world_size
+        )
+        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.workers)
+        step = self.start
+        interval: list[torch.Tensor] = []
+        last_loss: float | None = None
+        with _Progress(procs.main and not self.quiet, total, self.start) as progress:
+            if self.skipped:
+                progress.notice(
+                    f"{self.skipped} training image(s) left out (unreadable or smaller than the crop)"
+                )
+            if self.start:
+                progress.notice(f"resuming from {self.resumed_from} (step {self.start})")
+            for step, (hq, lq) in zip(range(self.start + 1, total + 1), loader, strict=True):
+                torch.manual_seed(derive_seed(config.seed, "global", step, procs.rank))
+                lr = lr_at(step, config.optim, total)
+                loss, grad_norm = self._step(step, lr, hq, lq)
+                interval.append(loss)
+                status = None
+                if step % config.train.log_every == 0 or step == total:
+                    last_loss = _mean_over_processes(interval, procs)
+                    interval = []
+                    log.write({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm})
+                    status = f"loss {last_loss:.4g}  lr {lr:.3g}"
+                every = config.train.val_every
+                if self.val_pairs and ((every and step % every == 0) or step == total):
+                    self.validation = self._validate()
+                    log.write({"step": step, **self.validation, "val_images": len(self.val_pairs)})
+                    progress.notice(
+                        f"step {step}: PSNR {self.validation['val_psnr']:.2f} dB, "
+                        f"SSIM {self.validation['val_ssim']:.4f} (Y channel)"
+                    )
+                if step % config.train.checkpoint_every == 0 or step == total:
+                    self._checkpoint(step)
+                progress.advance(status)
+
+        weights = out / f"{config.name}.safetensors"
+        registry = out / "registry.toml"
+        if procs.main:
+            save_safetensors(self.ema.state_dict(), weights)
+            registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
+        self._barrier(True)
+        final = out / "checkpoints" / f"step-{step:07d}"
+        return TrainResult(step, weights, final, log.path, registry, last_loss, self.validation)
+
+    def _step(self, step: int, lr: float, hq: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """One optimizer step on this process's slice; returns its (unreduced) loss and the gradient norm."""
+        config, diffusion, ae = self.config, self.models.diffusion, self.models.autoencoder
+        hq = hq.to(self.device) * 2 - 1
+        lq = lq.to(self.device) * 2 - 1
+        with torch.no_grad(), self._autocast():
+            z_start = diffusion.encode(hq, ae).float()
+            z_y = diffusion.encode(diffusion.upsample(lq), ae).float()
+        cond = diffusion.network_lq(lq, ae)
+
+        # Timesteps and noise of the whole global batch, then this process's slice: the same draws
+        # whatever the number of processes.
+        gen = generator(config.seed, "diffusion", step)
+        batch, per_rank = config.train.batch_size, z_start.shape[0]
+        t = torch.randint(diffusion.num_timesteps, (batch,), generator=gen)
+        noise = torch.randn((batch, *z_start.shape[1:]), generator=gen)
+        part = slice(self.procs.rank * per_rank, (self.procs.rank + 1) * per_rank)
+        t, noise = t[part].to(self.device), noise[part].to(self.device)
+
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        with self._autocast():
+            loss = diffusion.training_loss(self.net, z_start, z_y, t, noise, {"lq": cond}).mean()
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = config.optim.grad_clip if config.optim.grad_clip > 0 else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.unet.parameters(), clip))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        update_ema(self.ema, self.unet, config.optim.ema_decay)
+        return loss.detach(), grad_norm
+
+    def _validate(self) -> dict[str, float]:
+        """Mean PSNR/SSIM (Y channel, ``sf`` border pixels cropped) of the EMA model's restorations."""
+        diffusion, ae = self.models.diffusion, self.models.autoencoder
+        scores = []
+        self.ema.eval()
+        for index, pair in enumerate(self.val_pairs):
+            lq = pair.lq[None].to(self.device) * 2 - 1
+            gen = generator(self.config.seed, "val-noise", index)
+            with torch.inference_mode(), self._autocast():
+                z_y = diffusion.encode(diffusion.upsample(lq), ae)
+                noise = [
+                    torch.randn(z_y.shape, generator=gen).to(self.device)
+                    for _ in range(diffusion.num_timesteps + 1)
+                ]
+                latent = diffusion.reverse(
+                    z_y, self.ema, lq=diffusion.network_lq(lq, ae), noise=noise, clip_denoised=ae is None
+                )
+                out = diffusion.decode(latent, ae).float()
+            restored, truth = _to_uint8((out[0] + 1) / 2), _to_uint8(pair.hq)
+            border = diffusion.sf
+            scores.append(
+                (
+                    psnr(restored, truth, crop_border=border, y_channel=True),
+                    ssim(restored, truth, crop_border=border, y_channel=True),
+                )
+            )
+        return {
+            "val_psnr": float(np.mean([s[0] for s in scores])),
+            "val_ssim": float(np.mean([s[1] for s in scores])),
+        }
+
+    def _checkpoint(self, step: int) -> None:
+        config = self.config
+        if self.procs.main:
+            samples = step * config.train.batch_size
+            epoch, position = self.maker.order.position(samples)
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "samples_seen": samples,
+                "epoch": epoch,
+                "epoch_position": position,
+                "seed": config.seed,
+                "random_draws": "seeded by blake2b(seed:purpose:step[:index]); no RNG state to keep",
+                "config_hash": config_hash(config),
+                "config": trajectory_dict(config),
+                "world_size": self.procs.world_size,
+                "torch_version": torch.__version__,
+                "validation": self.validation,
+            }
+            directory = self.out / "checkpoints" / f"step-{step:07d}"
+            _save_checkpoint(directory, self.unet, self.ema, self.optimizer, self.scaler, state)
+            _prune(self.out, config.train.keep_checkpoints)
+        self._barrier(True)
+
+
+def _to_uint8(image: torch.Tensor) -> np.ndarray:
+    """(3, H, W) in [0, 1] -> H x W x 3 uint8, as a saved image would be."""
+    return torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+
+
+def _mean_over_processes(losses: Sequence[torch.Tensor], procs: _Processes) -> float:
+    total = torch.stack(losses).double().sum()
+    if procs.world_size > 1:
+        dist.all_reduce(total)
+    return float(total) / (len(losses) * procs.world_size)
+
+
+def _registry_entry(config: TrainConfig, models: _Models, weights: Path, step: int) -> str:
+    """A registry file naming the trained weights (and their autoencoder), for ``--registry``."""
+    name = config.name
+    diffusion = {"sf": models.diffusion.sf, **models.diffusion_params}
+    diffusion.setdefault("steps", ResShiftDiffusion.__init__.__kwdefaults__["steps"])
+    entry: dict[str, Any] = {
+        "description": f"trained with resshift train ({step} steps)",
+        "task": "sr",
+        "scale": diffusion["sf"],
+        "steps": diffusion["steps"],
+        "path": weights.name,
+    }
+    tables: dict[str, Any] = {"models": {name: entry}}
+    if models.autoencoder_params is not None and models.autoencoder_path is not None:
+        entry["autoencoder"] = f"{name}-autoencoder"
+        tables["autoencoders"] = {
+            f"{name}-autoencoder": {
+                "embed_dim": models.autoencoder_params["embed_dim"],
+                "n_embed": models.autoencoder_params["n_embed"],
+                "path": str(models.autoencoder_path.resolve()),
+                "ddconfig": models.autoencoder_params["ddconfig"],
+            }
+        }
+    entry["unet"] = models.unet_params
+    entry["diffusion"] = diffusion
+    usage = (
+        f"# The model trained here: resshift sr --registry {weights.parent / 'registry.toml'} --model {name}"
+    )
+    return f"{usage}\n\n" + dump_toml(tables)

@@ -1,0 +1,87 @@
+"""The restoration core: single pass equals the sampler, tiled paths behave, plans stay bounded."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from reference import case, reference_path
+
+from resshift_cli import ResShiftDiffusion, UNet, VQAutoencoder
+from resshift_cli.checkpoints import load_into, read_state_dict
+from resshift_cli.pipelines.restorer import Restorer
+
+
+def _tiny_sr(optimize: bool = True) -> Restorer:
+    c = case("sr-tiny")
+    unet, ae = UNet(**c["unet_params"]), VQAutoencoder(**c["autoencoder_params"])
+    load_into(unet, read_state_dict(reference_path("parity", "sr-tiny", "unet.safetensors")))
+    load_into(ae, read_state_dict(reference_path("parity", "sr-tiny", "autoencoder.safetensors")))
+    return Restorer(
+        unet, ae, ResShiftDiffusion(**c["diffusion_params"]), torch.device("cpu"), optimize=optimize
+    )
+
+
+def test_single_pass_is_the_sampler() -> None:
+    restorer = _tiny_sr(optimize=False)
+    image = torch.rand(1, 3, 16, 24, generator=torch.Generator().manual_seed(0))
+    out = restorer.restore(image, seed=7)
+    with torch.inference_mode():
+        ref = restorer.diffusion.sample(
+            image * 2 - 1, restorer.unet, restorer.autoencoder, generator=torch.Generator().manual_seed(7)
+        )
+    assert torch.equal(out, (ref.clamp(-1, 1) + 1) / 2)
+
+
+def test_optimised_and_plain_agree() -> None:
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    fast, plain = _tiny_sr(True).restore(image, seed=3), _tiny_sr(False).restore(image, seed=3)
+    assert (fast - plain).abs().max() < 1e-4
+
+
+def test_whole_latent_path_counts_bounded_tiles() -> None:
+    restorer = _tiny_sr()
+    calls = {"encode": 0, "decode": 0, "unet": 0}
+    for name, obj, attr in (
+        ("encode", restorer.autoencoder, "encode"),
+        ("decode", restorer.autoencoder, "decode"),
+        ("unet", restorer.unet, "forward"),
+    ):
+        original = getattr(obj, attr)
+
+        def counted(*args, _original=original, _name=name, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        setattr(obj, attr, counted)
+    seen: list[tuple[int, int]] = []
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    # An overlap far larger than the tile is capped at half a tile: 7 x 7 encoder tiles, not 49 x 49.
+    out = restorer.restore(image, seed=1, tile=16, overlap=64, on_progress=lambda d, t: seen.append((d, t)))
+    assert out.shape == (1, 3, 256, 256) and torch.isfinite(out).all()
+    assert calls["unet"] == restorer.diffusion.num_timesteps  # the network runs once per step, whole latent
+    assert calls["encode"] <= 49 and calls["decode"] <= 49
+    assert seen[-1][0] == seen[-1][1] == len(seen)
+
+
+def test_batching_tiles_changes_nothing_but_rounding() -> None:
+    restorer = _tiny_sr()
+    image = torch.rand(1, 3, 40, 56, generator=torch.Generator().manual_seed(4))
+    one = restorer.restore(image, seed=5, tile=16, overlap=4, batch_size=1)
+    three = restorer.restore(image, seed=5, tile=16, overlap=4, batch_size=3)
+    assert (one - three).abs().max() < 1e-4
+
+
+def test_pixel_space_model_larger_than_a_tile() -> None:
+    torch.manual_seed(0)
+    params = dict(case("sr-tiny")["unet_params"], image_size=64, lq_size=64)
+    unet = UNet(**params)
+    diffusion = ResShiftDiffusion(**dict(case("sr-tiny")["diffusion_params"], latent_flag=False))
+    restorer = Restorer(unet, None, diffusion, torch.device("cpu"))
+    out = restorer.restore(torch.rand(1, 3, 10, 12), seed=0, tile=2, overlap=1)
+    assert out.shape == (1, 3, 40, 48) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("size", [(1, 1), (3, 50), (17, 9)])
+def test_any_size(size: tuple[int, int]) -> None:
+    out = _tiny_sr().restore(torch.rand(1, 3, *size), seed=0)
+    assert out.shape == (1, 3, 4 * size[0], 4 * size[1])
