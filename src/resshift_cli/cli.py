@@ -357,3 +357,121 @@ def weights_convert(src: Path, dst: Path) -> None:
     from resshift_cli.hub import convert
 
     click.echo(str(convert(src, dst)))
+
+
+@main.command(context_settings=CONTEXT)
+@click.argument("config", type=click.Path(path_type=Path, dir_okay=False, exists=True))
+@click.argument("overrides", nargs=-1)
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output folder.")
+@click.option("--init", help="Fine-tune: start from a registry model (name) or a weights file.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress; errors only.")
+def train(config: Path, overrides: tuple[str, ...], resume: bool, init: str | None, quiet: bool) -> None:
+    """Train or fine-tune a model on a folder of high-quality images (see configs/lite.toml).
+
+    OVERRIDES are KEY=VALUE pairs that replace any key of CONFIG, e.g. train.steps=1000
+    data.train=/data/photos. Low-quality inputs are made on the fly (bicubic or Real-ESRGAN
+    degradation). Run under torchrun for several GPUs or machines.
+    """
+    import json
+
+    from resshift_cli.checkpoints import CheckpointError
+    from resshift_cli.hub import WeightsError
+    from resshift_cli.imageio import ImageError
+    from resshift_cli.registry import RegistryError
+    from resshift_cli.runtime import RuntimeSetupError
+    from resshift_cli.training.config import TrainConfigError, load_train_config
+    from resshift_cli.training.trainer import run_training
+
+    if init is not None:
+        overrides = (*overrides, f"model.init={json.dumps(init)}")
+    try:
+        settings = load_train_config(config, overrides)
+        result = run_training(settings, resume=resume, quiet=quiet)
+    except TrainConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    except (CheckpointError, RegistryError, WeightsError, RuntimeSetupError, ImageError) as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(3)
+    except KeyboardInterrupt:
+        click.echo("interrupted; resume with --resume from the last checkpoint", err=True)
+        sys.exit(130)
+    if not quiet:
+        click.echo(f"trained {result.step} steps; weights {result.weights}; registry entry {result.registry}")
+
+
+@main.command("eval", context_settings=CONTEXT)
+@click.argument(
+    "paths", nargs=-1, required=True, type=click.Path(path_type=Path, file_okay=False, exists=True)
+)
+@click.option(
+    "--crop-border",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Pixels left out at every side (SR papers use the scale).",
+)
+@click.option(
+    "--modcrop",
+    type=click.IntRange(min=0),
+    default=0,
+    help="Crop the ground truth to a multiple of this first (the scale, for SR benchmarks).",
+)
+@click.option("--suffix", default="", help="Suffix of the output names to ignore when matching stems.")
+@click.option(
+    "--make-lr",
+    "make_lr",
+    type=click.Path(path_type=Path, file_okay=False),
+    help="Instead of scoring: write the bicubic LR inputs of the ground truth here.",
+)
+@click.option(
+    "--scale", type=click.IntRange(min=1), default=4, show_default=True, help="Scale for --make-lr."
+)
+@click.option("--json", "json_out", is_flag=True, help="Print the results as JSON.")
+def evaluate(
+    paths: tuple[Path, ...],
+    crop_border: int,
+    modcrop: int,
+    suffix: str,
+    make_lr: Path | None,
+    scale: int,
+    json_out: bool,
+) -> None:
+    """PSNR and SSIM of OUTPUTS against GROUND_TRUTH, on RGB and on the Y channel.
+
+    \b
+    resshift eval OUTPUTS GROUND_TRUTH [--crop-border 4 --modcrop 4]
+    resshift eval GROUND_TRUTH --make-lr LR_DIR [--scale 4]
+
+    Images are matched by file stem.
+    """
+    import json
+
+    from resshift_cli.metrics import evaluate_folders, format_table, make_lr_images
+
+    if make_lr is not None:
+        if len(paths) != 1:
+            raise click.UsageError("--make-lr takes one folder: the ground truth")
+        written = make_lr_images(paths[0], make_lr, scale)
+        click.echo(f"wrote {len(written)} LR images (x{scale} bicubic) to {make_lr}")
+        return
+    if len(paths) != 2:
+        raise click.UsageError("give two folders: OUTPUTS GROUND_TRUTH")
+    results = {
+        channel: evaluate_folders(
+            paths[0],
+            paths[1],
+            crop_border=crop_border,
+            y_channel=channel == "y",
+            suffix=suffix,
+            modcrop=modcrop,
+        )
+        for channel in ("rgb", "y")
+    }
+    if json_out:
+        click.echo(json.dumps({channel: r.to_dict() for channel, r in results.items()}))
+    else:
+        for channel, result in results.items():
+            click.echo(f"{'Y channel' if channel == 'y' else 'RGB'}:")
+            click.echo(format_table(result))
+    if not results["y"].rows or results["y"].errors:
+        sys.exit(1)

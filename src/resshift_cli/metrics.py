@@ -244,13 +244,17 @@ def _load_255(path: Path) -> np.ndarray:
     return np.round(image.rgb.astype(np.float64) * top) * 255.0 / top
 
 
-def _score(name: str, output: Path, truth: Path, crop_border: int, y_channel: bool) -> ImageScore:
+def _score(
+    name: str, output: Path, truth: Path, crop_border: int, y_channel: bool, modcrop: int
+) -> ImageScore:
     row = ImageScore(name, output, truth)
     try:
         out, gt = _load_255(output), _load_255(truth)
     except ImageError as e:
         row.error = str(e)
         return row
+    if modcrop > 1:
+        gt = gt[: gt.shape[0] // modcrop * modcrop, : gt.shape[1] // modcrop * modcrop]
     if out.shape != gt.shape:
         row.error = (
             f"size differs: output {out.shape[1]}x{out.shape[0]}, ground truth {gt.shape[1]}x{gt.shape[0]}"
@@ -272,6 +276,7 @@ def evaluate_folders(
     crop_border: int = 0,
     y_channel: bool = True,
     suffix: str = "",
+    modcrop: int = 0,
 ) -> EvalResult:
     """Score every output image against the ground-truth image with the same stem.
 
@@ -279,6 +284,8 @@ def evaluate_folders(
     ``_x4`` matches ``baby.png``); extensions need not agree. Files without a partner are listed in the
     result; pairs that cannot be scored (unreadable, sizes differ, several files with one stem, too small)
     become rows with an ``error`` instead of raising. Only image files directly in each folder are read.
+    ``modcrop`` crops the ground truth to a multiple of it first (top-left), as SR papers do with the
+    scale factor, so that an x4 output of its LR image lines up.
     """
     outputs, ground_truth = Path(outputs), Path(ground_truth)
     for folder in (outputs, ground_truth):
@@ -294,7 +301,7 @@ def evaluate_folders(
             error = f"ambiguous, several files: {clash}"
             rows.append(ImageScore(name, out_paths[0], gt_paths[0], error=error))
             continue
-        rows.append(_score(name, out_paths[0], gt_paths[0], crop_border, y_channel))
+        rows.append(_score(name, out_paths[0], gt_paths[0], crop_border, y_channel, modcrop))
     return EvalResult(
         rows=rows,
         unmatched_outputs=[p for name in sorted(produced.keys() - truths.keys()) for p in produced[name]],
@@ -337,3 +344,29 @@ def format_table(result: EvalResult) -> str:
         if paths:
             text.append(f"{label}: " + ", ".join(p.name for p in paths))
     return "\n".join(text)
+
+
+def make_lr_images(ground_truth: Path, out: Path, scale: int) -> list[Path]:
+    """Write the x``scale`` bicubic-downsampled LR input of every image in ``ground_truth`` to ``out``.
+
+    The ground truth is first cropped to a multiple of ``scale``; downsampling is MATLAB-style
+    antialiased bicubic, as the SR benchmarks (Set5, Set14, BSD100) are made. PNG, same stems.
+    """
+    import torch
+
+    from resshift_cli.imageio import save_image
+    from resshift_cli.training.degradations import bicubic_degrade
+
+    written = []
+    for path in sorted(Path(ground_truth).iterdir()):
+        if not (path.is_file() and is_image_path(path)):
+            continue
+        rgb = load_image(path).rgb
+        h, w = rgb.shape[0] // scale * scale, rgb.shape[1] // scale * scale
+        hq = torch.from_numpy(np.ascontiguousarray(rgb[:h, :w])).permute(2, 0, 1)[None]
+        lr = bicubic_degrade(hq, scale)[0].permute(1, 2, 0).numpy()
+        target = Path(out) / f"{path.stem}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_image(target, lr)
+        written.append(target)
+    return written
