@@ -142,3 +142,19 @@ def test_decode_snaps_to_the_codebook() -> None:
     flat = q.permute(0, 2, 3, 1).reshape(-1, 3)
     nearest = codebook[torch.cdist(z.permute(0, 2, 3, 1).reshape(-1, 3), codebook).argmin(1)]
     assert torch.equal(flat, nearest)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize(("cin", "cout", "h", "w"), [(3, 5, 1, 1), (4, 4, 7, 10), (32, 16, 16, 9)])
+def test_folded_upsampling_convolution_equals_the_direct_form(
+    cin: int, cout: int, h: int, w: int, channels_last: bool
+) -> None:
+    from resshift_cli.models.layers import upsample_conv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(cin, cout, 3, padding=1)
+    x = torch.randn(2, cin, h, w)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    direct = conv(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+    assert torch.allclose(upsample_conv(x, conv), direct, atol=1e-5)

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 
 from resshift_cli import ResShiftDiffusion, UNet, VQAutoencoder
 from resshift_cli.checkpoints import load_into, read_state_dict
+from resshift_cli.models import set_fast_paths
 
 
 @cache
@@ -92,14 +93,19 @@ def test_decoder_with_quantisation(name: str) -> None:
     assert _max_abs(decoded, t["decoded"]) < 1e-3
 
 
+@pytest.mark.parametrize("fast", [True, False], ids=["fast-paths", "plain"])
 @pytest.mark.parametrize("name", PARITY_CASES)
-def test_full_sampling_with_recorded_noise(name: str) -> None:
+def test_full_sampling_with_recorded_noise(name: str, fast: bool) -> None:
     unet, autoencoder, diffusion = _models(name)
     t = _tensors(name)
+    set_fast_paths(unet, fast)
+    set_fast_paths(autoencoder, fast)
     with torch.no_grad():
         latent = diffusion.sample_latent(t["lq"], unet, autoencoder, mask=t.get("mask"), noise=_noise(name))
         sample = diffusion.decode(latent, autoencoder)
         direct = diffusion.sample(t["lq"], unet, autoencoder, mask=t.get("mask"), noise=_noise(name))
+    set_fast_paths(unet, True)
+    set_fast_paths(autoencoder, True)
     assert _max_abs(latent, t["final_latent"]) < 1e-4
     assert _max_abs(sample, t["sample"]) < 1e-3
     assert torch.equal(direct, sample)
@@ -126,8 +132,14 @@ def _module_outputs(model: torch.nn.Module, prefix: str, names: list[str], run) 
 
 @pytest.mark.parametrize("name", PARITY_CASES)
 def test_every_named_activation(name: str) -> None:
-    """Each upstream submodule's output is matched by ours, so a divergence shows where it starts."""
+    """Each upstream submodule's output is matched by ours, so a divergence shows where it starts.
+
+    The fast paths are off: they compute some modules' outputs without calling the submodules
+    upstream has (the upsampling convolution folded into the upsampling), so hooks would miss them.
+    """
     unet, autoencoder, diffusion = _models(name)
+    set_fast_paths(unet, False)
+    set_fast_paths(autoencoder, False)
     t = _tensors(name)
     acts = load_file(str(reference_path("parity", name, "activations.safetensors")))
     last = diffusion.num_timesteps - 1
@@ -154,6 +166,8 @@ def test_every_named_activation(name: str) -> None:
     got.update(
         _module_outputs(autoencoder, "autoencoder.", decoder_names, lambda: autoencoder.decode(t["z_y"]))
     )
+    set_fast_paths(unet, True)
+    set_fast_paths(autoencoder, True)
     assert sorted(got) == sorted(acts)
     worst = {k: _max_abs(got[k], acts[k]) for k in acts}
     bad = {k: v for k, v in worst.items() if v > 1e-3}
