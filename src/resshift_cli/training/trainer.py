@@ -50,6 +50,7 @@ from torch import nn
 
 from resshift_cli.checkpoints import load_into, read_state_dict, save_safetensors
 from resshift_cli.diffusion import ResShiftDiffusion
+from resshift_cli.distributed import World
 from resshift_cli.metrics import psnr, ssim
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
@@ -196,26 +197,9 @@ def load_optimizer_state(
 # Processes and devices.
 
 
-@dataclass(frozen=True)
-class _Processes:
-    rank: int
-    world_size: int
-    local_rank: int
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def _processes() -> _Processes:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    return _Processes(rank, world_size, int(os.environ.get("LOCAL_RANK", str(rank))))
-
-
-def _device(name: str, procs: _Processes) -> torch.device:
+def _device(name: str, procs: World) -> torch.device:
     device = resolve_device(name)
-    if device.type == "cuda" and procs.world_size > 1:
+    if device.type == "cuda" and procs.size > 1:
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
     return device
@@ -513,10 +497,10 @@ def run_training(config: TrainConfig, *, resume: bool, quiet: bool) -> TrainResu
     ``torchrun`` it runs one process of a distributed run (see the module docstring). The caller's
     global RNG state is left as it was.
     """
-    procs = _processes()
+    procs = World.from_env()
     device = _device(config.train.device, procs)
     started_group = False
-    if procs.world_size > 1 and not dist.is_initialized():
+    if procs.size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         started_group = True
     fork_devices = [device.index or 0] if device.type == "cuda" else []
@@ -532,7 +516,7 @@ class _Run:
     """One process's share of a training run: models, optimizer, data, and the loop."""
 
     def __init__(
-        self, config: TrainConfig, procs: _Processes, device: torch.device, *, resume: bool, quiet: bool
+        self, config: TrainConfig, procs: World, device: torch.device, *, resume: bool, quiet: bool
     ) -> None:
         self.config = config
         self.procs = procs
@@ -551,9 +535,9 @@ class _Run:
 
         torch.manual_seed(derive_seed(config.seed, "init"))
         # Rank 0 first: it alone downloads missing weights, the others then find them cached.
-        self._barrier(not procs.main)
+        self._barrier(not procs.is_main)
         self.models = _build_models(config, quiet)
-        self._barrier(procs.main)
+        self._barrier(procs.is_main)
         _check_shapes(config, self.models)
         self.unet = self.models.unet.to(device)
         if self.models.autoencoder is not None:
@@ -585,7 +569,7 @@ class _Run:
             paths, data.crop, sf, data.degradation, data.realesrgan, data.rotate, config.seed
         )
         self.val_pairs: list[ValPair] = []
-        if data.val is not None and procs.main:
+        if data.val is not None and procs.is_main:
             self.val_pairs = validation_pairs(
                 data.val,
                 data.val_images,
@@ -596,12 +580,12 @@ class _Run:
                 config.seed,
             )
         self.net: nn.Module = self.unet
-        if procs.world_size > 1:
+        if procs.size > 1:
             device_ids = [device.index] if device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(self.unet, device_ids=device_ids)
 
     def _barrier(self, wait: bool) -> None:
-        if wait and self.procs.world_size > 1:
+        if wait and self.procs.size > 1:
             dist.barrier()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -612,18 +596,18 @@ class _Run:
     def train(self) -> TrainResult:
         config, procs, out = self.config, self.procs, self.out
         total = config.train.steps
-        if procs.main:
+        if procs.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.toml").write_text(dump_toml(config.to_dict()), encoding="utf-8")
-        log = _Log(out / "log.jsonl", procs.main, self.start)
+        log = _Log(out / "log.jsonl", procs.is_main, self.start)
         batches = StepBatches(
-            self.maker, self.start + 1, total, config.train.batch_size, procs.rank, procs.world_size
+            self.maker, self.start + 1, total, config.train.batch_size, procs.rank, procs.size
         )
         loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.workers)
         step = self.start
         interval: list[torch.Tensor] = []
         last_loss: float | None = None
-        with _Progress(procs.main and not self.quiet, total, self.start) as progress:
+        with _Progress(procs.is_main and not self.quiet, total, self.start) as progress:
             if self.skipped:
                 progress.notice(
                     f"{self.skipped} training image(s) left out (unreadable or smaller than the crop)"
@@ -655,7 +639,7 @@ class _Run:
 
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
-        if procs.main:
+        if procs.is_main:
             save_safetensors(self.ema.state_dict(), weights)
             registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
         self._barrier(True)
@@ -734,7 +718,7 @@ class _Run:
 
     def _checkpoint(self, step: int) -> None:
         config = self.config
-        if self.procs.main:
+        if self.procs.is_main:
             samples = step * config.train.batch_size
             epoch, position = self.maker.order.position(samples)
             state = {
@@ -747,7 +731,7 @@ class _Run:
                 "random_draws": "seeded by blake2b(seed:purpose:step[:index]); no RNG state to keep",
                 "config_hash": config_hash(config),
                 "config": trajectory_dict(config),
-                "world_size": self.procs.world_size,
+                "world_size": self.procs.size,
                 "torch_version": torch.__version__,
                 "validation": self.validation,
             }
@@ -762,11 +746,11 @@ def _to_uint8(image: torch.Tensor) -> np.ndarray:
     return torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
 
 
-def _mean_over_processes(losses: Sequence[torch.Tensor], procs: _Processes) -> float:
+def _mean_over_processes(losses: Sequence[torch.Tensor], procs: World) -> float:
     total = torch.stack(losses).double().sum()
-    if procs.world_size > 1:
+    if procs.size > 1:
         dist.all_reduce(total)
-    return float(total) / (len(losses) * procs.world_size)
+    return float(total) / (len(losses) * procs.size)
 
 
 def _registry_entry(config: TrainConfig, models: _Models, weights: Path, step: int) -> str:
