@@ -5,7 +5,8 @@ Serves what ``huggingface_hub.hf_hub_download`` asks for, ``{endpoint}/{repo_id}
 ``X-Repo-Commit``, ``X-Linked-Etag`` and ``X-Linked-Size``; the CDN is the same server reached as
 ``localhost`` instead of ``127.0.0.1``, a different host for huggingface_hub. Unknown repos get 401
 ``RepoNotFound`` and missing files 404 ``EntryNotFound``, like the Hub. Plain files live at any other
-path. GETs honour ``Range: bytes=N-``; a path in ``cut`` gets its body cut off half-way (the full
+path. GETs honour ``Range: bytes=N-``, except for paths in ``ignore_range`` (answered 200 with the
+whole file, as some servers do); a path in ``cut`` gets its body cut off half-way (the full
 ``Content-Length`` is sent, then half the bytes, then the connection closes).
 """
 
@@ -37,6 +38,7 @@ class HubServer:
         self.repos: dict[str, dict[str, bytes]] = {}
         self.files: dict[str, bytes] = {}
         self.cut: set[str] = set()
+        self.ignore_range: set[str] = set()
         self.requests: list[Request] = []
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self._httpd.hub = self  # type: ignore[attr-defined]
@@ -131,7 +133,7 @@ class _Handler(BaseHTTPRequestHandler):
         status = 200
         headers = {"Accept-Ranges": "bytes", "ETag": f'"{hashlib.sha256(content).hexdigest()}"'}
         requested = self.headers.get("Range")
-        if requested:
+        if requested and path not in hub.ignore_range:
             match = re.fullmatch(r"bytes=(\d+)-", requested.strip())
             start = int(match.group(1)) if match else 0
             if start >= len(content):

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from resshift_cli.imageio import IMAGE_SUFFIXES, output_extension
+from resshift_cli.imageio import IMAGE_SUFFIXES, INPUT_SUFFIXES, output_extension
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -45,18 +45,19 @@ class Plan:
 
 
 def collect_inputs(
-    paths: Sequence[Path], recursive: bool
+    paths: Sequence[Path], recursive: bool, exclude: Path | None = None
 ) -> tuple[list[tuple[Path, Path | None]], list[Path]]:
     """Expand files and directories into ``(image, root directory or None)`` pairs, sorted.
 
     Directories give their image files (all levels with ``recursive``; symlinked directories are
-    followed once, so loops end). Non-image files inside directories are returned separately.
+    followed once, so loops end; the directory ``exclude``, the output, is not entered).
+    Non-image files inside directories are returned separately.
     """
     images: list[tuple[Path, Path | None]] = []
     ignored: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found, skipped = _scan(path, recursive)
+            found, skipped = _scan(path, recursive, exclude)
             images += [(p, path) for p in found]
             ignored += skipped
         elif path.exists():
@@ -66,10 +67,14 @@ def collect_inputs(
     return images, ignored
 
 
-def _scan(root: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
+def _scan(root: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
     found: list[Path] = []
     skipped: list[Path] = []
     seen: set[tuple[int, int]] = set()
+    if exclude is not None and exclude.is_dir() and not os.path.samefile(exclude, root):
+        # Outputs written inside an input directory are not inputs of the next run.
+        st = os.stat(exclude)
+        seen.add((st.st_dev, st.st_ino))
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
@@ -81,7 +86,7 @@ def _scan(root: Path, recursive: bool) -> tuple[list[Path], list[Path]]:
             p = Path(dirpath) / name
             if name.startswith("."):
                 continue
-            (found if p.suffix.lower() in IMAGE_SUFFIXES else skipped).append(p)
+            (found if p.suffix.lower() in INPUT_SUFFIXES else skipped).append(p)
         if not recursive:
             dirnames[:] = []
     return found, skipped
@@ -99,9 +104,11 @@ def plan_jobs(
     """Map inputs to outputs: ``output`` is a file for one input file, else a directory.
 
     Inside a directory input the relative layout is kept. Two inputs that would land on the same
-    output (``a.png`` and ``a.jpg``) keep apart: the later one's name carries its source suffix.
+    output (``a.png`` and ``a.jpg``) keep apart: the later one's name carries its source suffix
+    (and a number, if need be). No output lands on another input; only on its own, which
+    :func:`partition_existing` refuses unless ``--overwrite``.
     """
-    images, ignored = collect_inputs(inputs, recursive)
+    images, ignored = collect_inputs(inputs, recursive, exclude=output)
     if not images:
         raise PlanError(
             "no input images found" + (f" ({len(ignored)} non-image files ignored)" if ignored else "")
@@ -113,6 +120,7 @@ def plan_jobs(
     ):
         raise PlanError(f"-o {output}: several inputs need an output directory, not an image file name")
     plan = Plan(jobs=[], ignored=ignored)
+    inputs_at = {_key(source): source for source, _ in images}
     claimed: dict[Path, Path] = {}
     for source, root in images:
         if to_file:
@@ -120,13 +128,19 @@ def plan_jobs(
         else:
             rel = source.relative_to(root).parent if root is not None else Path()
             target = output / rel / f"{source.stem}{suffix}{output_extension(source, ext)}"
-            if _key(target) in claimed:
-                alt = target.with_name(
-                    f"{source.stem}{suffix}-{source.suffix.lstrip('.').lower()}{target.suffix}"
-                )
-                plan.notices.append(
-                    f"{source} and {claimed[_key(target)]} would both write {target}; writing {alt.name}"
-                )
+            other = claimed.get(_key(target)) or inputs_at.get(_key(target))
+            if other is not None and other != source:
+                stem = f"{source.stem}{suffix}-{source.suffix.lstrip('.').lower()}"
+                alt = target.with_name(f"{stem}{target.suffix}")
+                number = 1
+                while _key(alt) in claimed or _key(alt) in inputs_at:
+                    number += 1
+                    alt = target.with_name(f"{stem}-{number}{target.suffix}")
+                if _key(target) in claimed:
+                    clash = f"{source} and {other} would both write {target}"
+                else:
+                    clash = f"the output of {source} would overwrite the input {other}"
+                plan.notices.append(f"{clash}; writing {alt.name}")
                 target = alt
         claimed[_key(target)] = source
         plan.jobs.append(Job(source, target, _mask_for(source, masks, single_file)))
@@ -142,7 +156,7 @@ def _mask_for(source: Path, masks: Path | None, single_file: bool) -> Path | Non
         return None
     if masks.is_dir():
         for candidate in sorted(masks.iterdir()):
-            if candidate.stem == source.stem and candidate.suffix.lower() in IMAGE_SUFFIXES:
+            if candidate.stem == source.stem and candidate.suffix.lower() in INPUT_SUFFIXES:
                 return candidate
         return None
     if not masks.exists():

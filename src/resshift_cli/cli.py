@@ -21,8 +21,9 @@ Exit codes:
   0  every input restored (or skipped because its output exists)
   1  some inputs failed; the others were written
   2  usage error (bad options, no inputs)
-  3  the model could not be loaded (weights missing, offline, wrong file, device unavailable)
-  130 interrupted (Ctrl-C); finished outputs are kept
+  3  the model could not be loaded (weights missing, offline, wrong file, invalid registry,
+     device unavailable)
+  130 interrupted (Ctrl-C); finished outputs are kept, a re-run does the rest
 """
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -154,6 +155,17 @@ def main() -> None:
 
 
 def _run_restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[str, Any]) -> None:
+    from resshift_cli import batch
+
+    try:
+        code = _restore(task, inputs, masks, kw)
+    except KeyboardInterrupt:
+        click.echo("interrupted; finished outputs are kept", err=True)
+        sys.exit(batch.EXIT_INTERRUPTED)
+    sys.exit(code)
+
+
+def _restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[str, Any]) -> int:
     from resshift_cli import batch, restore
     from resshift_cli.imageio import DEFAULT_MAX_PIXELS
 
@@ -185,12 +197,7 @@ def _run_restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: di
         json=kw["json_records"],
         max_pixels=kw["max_pixels"] or DEFAULT_MAX_PIXELS,
     )
-    try:
-        code = restore.run(plan, settings)
-    except KeyboardInterrupt:
-        click.echo("interrupted; finished outputs are kept", err=True)
-        sys.exit(batch.EXIT_INTERRUPTED)
-    sys.exit(code)
+    return restore.run(plan, settings)
 
 
 @main.command(context_settings=CONTEXT, epilog=EXIT_CODES)
@@ -251,7 +258,7 @@ def weights() -> None:
 
 
 def _weights_errors(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn registry and weights errors into one-line messages with exit code 3."""
+    """Turn registry and weights errors into one-line messages with exit code 3, Ctrl-C into 130."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -264,6 +271,9 @@ def _weights_errors(f: Callable[..., Any]) -> Callable[..., Any]:
         except (RegistryError, WeightsError, CheckpointError) as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(3)
+        except KeyboardInterrupt:
+            click.echo("interrupted; an unfinished download resumes on the next run", err=True)
+            sys.exit(130)
 
     return wrapper
 

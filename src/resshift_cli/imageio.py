@@ -22,6 +22,7 @@ import secrets
 import struct
 import sys
 import threading
+import warnings
 import zlib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
@@ -35,6 +36,7 @@ from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 __all__ = [
     "DEFAULT_MAX_PIXELS",
     "IMAGE_SUFFIXES",
+    "INPUT_SUFFIXES",
     "ImageError",
     "LoadedImage",
     "is_image_path",
@@ -50,6 +52,10 @@ bombs, files whose header claims a size that would exhaust memory."""
 
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"})
 """Lower-case file suffixes treated as images when looking for inputs."""
+
+INPUT_SUFFIXES: frozenset[str] = IMAGE_SUFFIXES | {".gif"}
+"""Suffixes of the files a restore run takes from input directories: the image suffixes and GIF,
+which is read (its first frame) but not written."""
 
 # Pillow formats load_image accepts. Limiting Image.open to these keeps every other Pillow plugin
 # (EPS runs Ghostscript, for example) away from untrusted input. The JPEG opener also returns the
@@ -134,6 +140,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     Images above ``max_pixels`` (width x height; None means no limit) are refused before any pixel
     is decoded. Every failure (missing, empty, truncated, corrupt, not an image, too large) raises
     :class:`ImageError` with a one-line message naming the file; no other exception escapes.
+    Pillow's warnings about a damaged but readable file become notices.
     """
     source = Path(path)
     try:
@@ -141,9 +148,15 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
             raise ImageError(f"cannot read {source}: it is a directory, not an image file")
         if source.stat().st_size == 0:
             raise ImageError(f"cannot read {source}: the file is empty (0 bytes)")
-        with _open(source) as im:
-            _check_pixel_limit(source, im.size, max_pixels)
-            return _decode(source, im)
+        # Pillow warns about damaged files through Python's warnings, which print two lines of its
+        # source code; they become one-line notices instead.
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            with _open(source) as im:
+                _check_pixel_limit(source, im.size, max_pixels)
+                image = _decode(source, im)
+        image.notices += [f"{source}: {m}" for m in dict.fromkeys(_one_line(w.message) for w in caught)]
+        return image
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -435,18 +448,17 @@ def _save_params(fmt: str, quality: int, icc: bytes | None) -> dict[str, Any]:
 def _atomic_write(dest: Path, write: Callable[[BinaryIO], None]) -> None:
     """Write through a temporary file beside ``dest``, then rename it into place."""
     temp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    created = False
     try:
         with open(temp, "xb") as f:
-            created = True
             write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(temp, dest)
     except BaseException as e:
-        if created:
-            with suppress(OSError):
-                temp.unlink()
+        # The name is this process's own, so whatever is there is ours (even if Ctrl-C came
+        # between the file's creation and anything that could note it).
+        with suppress(OSError):
+            temp.unlink()
         if not isinstance(e, Exception):
             raise
         raise ImageError(f"cannot write {dest}: {_write_failure(e)}") from e

@@ -7,6 +7,8 @@ Human output goes to stderr so that ``--json`` records on stdout stay machine-re
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
+from pathlib import Path
 from types import TracebackType
 
 from rich.console import Console
@@ -21,6 +23,9 @@ from rich.progress import (
 )
 
 from resshift_cli.batch import Record, Summary
+
+_SHOWN = 10
+"""Non-image files listed by name in the summary; more are counted."""
 
 
 class Reporter:
@@ -100,7 +105,8 @@ class Reporter:
     def error(self, message: str) -> None:
         self.console.print(f"[red]error:[/] {_escape(message)}", markup=True)
 
-    def summary(self, summary: Summary, ignored: int = 0) -> None:
+    def summary(self, summary: Summary, ignored: Sequence[Path] = ()) -> None:
+        """Every failure with its reason, the non-image files passed over, then the totals."""
         done, skipped, failed = summary.count("done"), summary.count("skipped"), summary.count("failed")
         if failed:
             self.console.print(f"[red]{failed} failed:[/]", markup=True)
@@ -109,6 +115,12 @@ class Reporter:
                     self.console.print(f"  {record.input}: {record.error}", markup=False)
         if self.quiet:
             return
+        if ignored:
+            self.console.print("ignored, not image files:", markup=False)
+            for path in ignored[:_SHOWN]:
+                self.console.print(f"  {path}", markup=False)
+            if len(ignored) > _SHOWN:
+                self.console.print(f"  ... and {len(ignored) - _SHOWN} more", markup=False)
         sizes = sorted({f"{r.output_size[0]}x{r.output_size[1]}" for r in summary.records if r.output_size})
         parts = [
             f"{done} restored",
@@ -117,7 +129,7 @@ class Reporter:
         if failed:
             parts.append(f"{failed} failed")
         if ignored:
-            parts.append(f"{ignored} non-image files ignored")
+            parts.append(f"{len(ignored)} non-image files ignored")
         line = ", ".join(p for p in parts if p) + f" in {summary.seconds:.1f} s"
         if sizes:
             line += f"; output sizes {', '.join(sizes[:5])}{' ...' if len(sizes) > 5 else ''}"

@@ -65,7 +65,7 @@ def run(plan: Plan, settings: RestoreSettings) -> int:
         elif world.is_main:
             summary = Summary(records=records, started=started)
             with Reporter(quiet=settings.quiet) as reporter:
-                reporter.summary(summary, ignored=len(plan.ignored))
+                reporter.summary(summary, ignored=plan.ignored)
             code = summary.exit_code
         return world.broadcast(code)
     finally:
@@ -162,17 +162,18 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
             image = load_image(job.source, max_pixels=settings.max_pixels)
             record.size = image.size
             record.notices += image.notices
+            hole = None
             if settings.task == "inpaint":
                 if job.mask is None:
                     raise tasks.MaskError(f"no mask for {job.source.name} (masks are matched by file stem)")
-                mask = load_image(job.mask, max_pixels=settings.max_pixels)
-                hole = tasks.hole_mask(mask.rgb)
+                hole = tasks.hole_mask(load_image(job.mask, max_pixels=settings.max_pixels).rgb)
+            _make_directory(job.output)  # before the model runs, which would be wasted
+            if hole is not None:
                 result = tasks.inpaint(restorer, image, hole, options, reporter.image_progress)
             elif settings.task == "face":
                 result = tasks.restore_face(restorer, image, options, face_size, reporter.image_progress)
             else:
                 result = tasks.super_resolve(restorer, image, options, reporter.image_progress)
-            job.output.parent.mkdir(parents=True, exist_ok=True)
             save_image(
                 job.output,
                 result.rgb,
@@ -190,7 +191,20 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
             record.error = f"cannot write {job.output}: {exc.strerror or exc}"
         except torch.OutOfMemoryError:
             record.error = "out of memory; try a smaller --tile or --batch-size 1"
+        except Exception as exc:  # a bug rather than a bad input: this image fails, the batch goes on
+            lines = str(exc).strip().splitlines() or [""]
+            record.error = f"internal error ({type(exc).__name__}: {lines[0]}); please report it"
         record.seconds = round(time.monotonic() - started, 3)
         return record
 
     return process
+
+
+def _make_directory(output: Path) -> None:
+    """Create the directory ``output`` goes into; a one-line ImageError if that is impossible."""
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        blocker = next((p for p in (output.parent, *output.parent.parents) if p.is_file()), None)
+        why = f"{blocker} is a file, not a directory" if blocker is not None else exc.strerror or exc
+        raise ImageError(f"cannot write {output}: cannot create its directory ({why})") from None

@@ -13,7 +13,7 @@ from resshift_cli.diffusion import ResShiftDiffusion
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
 from resshift_cli.pipelines.restorer import Restorer
-from resshift_cli.registry import ModelSpec, Registry
+from resshift_cli.registry import ModelSpec, Registry, RegistryError
 
 _INIT_FUNCTIONS = (
     "uniform_",
@@ -68,16 +68,31 @@ def load_restorer(
     from resshift_cli.hub import resolve_model
 
     files = resolve_model(spec, registry, checkpoint, autoencoder, quiet=quiet)
-    with skip_init():
+    with _registry_parameters(registry, f"models.{spec.name}.unet"), skip_init():
         unet = UNet(**spec.unet)
     load_into(unet, read_state_dict(files.unet_path), f"the UNet of {spec.name!r}")
     ae_model = None
     if spec.autoencoder is not None:
         ae_spec = registry.autoencoder(spec.autoencoder)
-        with skip_init():
+        with _registry_parameters(registry, f"autoencoders.{ae_spec.name}"), skip_init():
             ae_model = VQAutoencoder(ae_spec.embed_dim, ae_spec.n_embed, ae_spec.ddconfig)
         if files.autoencoder_path is None:
             raise ValueError(f"no autoencoder weights for {spec.name!r}")
         load_into(ae_model, read_state_dict(files.autoencoder_path), f"the autoencoder {ae_spec.name!r}")
-    diffusion = ResShiftDiffusion(**spec.diffusion)
+    with _registry_parameters(registry, f"models.{spec.name}.diffusion"):
+        diffusion = ResShiftDiffusion(**spec.diffusion)
     return Restorer(unet, ae_model, diffusion, device, precision)
+
+
+@contextlib.contextmanager
+def _registry_parameters(registry: Registry, key: str) -> Iterator[None]:
+    """Turn a network that cannot be built from its registry parameters (an unknown name, a wrong
+    type or value) into a one-line RegistryError naming the entry and the registry files."""
+    try:
+        yield
+    except (TypeError, ValueError, RuntimeError) as exc:
+        lines = str(exc).strip().splitlines() or [type(exc).__name__]
+        raise RegistryError(
+            f"{key}: these parameters do not build the network ({lines[0]}); "
+            f"check that entry in {', '.join(registry.files)}"
+        ) from None
