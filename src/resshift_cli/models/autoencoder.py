@@ -231,14 +231,22 @@ class VectorQuantizer(nn.Module):
         self.embed_dim = embed_dim
         self.embedding = nn.Embedding(n_embed, embed_dim)
 
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+        """Replace each latent vector by its nearest codebook entry.
+
+        Distances are computed ``chunk`` vectors at a time: the full (vectors x codebook) matrix
+        of a 256x256 latent against 8192 entries would take 2 GB per temporary.
+        """
         b, c, h, w = z.shape
         flat = z.permute(0, 2, 3, 1).reshape(-1, c)
         weight = self.embedding.weight.to(flat.dtype)
-        distances = (
-            flat.pow(2).sum(1, keepdim=True) + weight.pow(2).sum(1) - 2 * flat @ weight.t()
+        weight_sq = weight.pow(2).sum(1)
+        indices = torch.cat(
+            [
+                (part.pow(2).sum(1, keepdim=True) + weight_sq - 2 * part @ weight.t()).argmin(dim=1)
+                for part in flat.split(chunk)
+            ]
         )
-        indices = distances.argmin(dim=1)
         quantised = self.embedding(indices).to(z.dtype).view(b, h, w, c)
         return quantised.permute(0, 3, 1, 2).contiguous()
 
