@@ -40,7 +40,6 @@ subprocess where the exit code or a signal is the point.
 #   unwritable output directory          here test_unwritable_output_directory; I::test_unwritable_directory
 #   full disk                            here test_full_disk; I::test_failed_write_keeps_old_output
 #   Ctrl-C during a batch, re-run        here test_ctrl_c_keeps_finished_outputs_and_a_rerun_completes;
-#                                        C::test_sigint_to_the_entry_point_exits_130,
 #                                        C::test_interrupt_exits_130_and_keeps_finished_outputs;
 #                                        here test_ctrl_c_right_after_the_temp_file_is_created_leaves_nothing
 #   -o inside a --recursive input        here test_outputs_inside_the_input_directory_are_not_inputs
