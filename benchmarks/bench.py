@@ -274,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
         generator = torch.Generator().manual_seed(size)
         image = torch.rand(1, 3, size // 4, size // 4, generator=generator)
         print(
-            f"\noutput {size}x{size} (input {size // 4}x{size // 4}), tile {fast.choose_tile(None)} input px"
+            f"\noutput {size}x{size} (input {size // 4}x{size // 4}); autoencoder tiles of at most "
+            f"{fast.AE_TILE} latent px, the network on the whole latent"
         )
         fast_runs: list[Run] = []
         plain_runs: list[Run] = []
