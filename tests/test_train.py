@@ -473,7 +473,7 @@ def test_latent_space_fine_tuning_with_a_frozen_autoencoder(tmp_path: Path, sour
     registry = load_registry(result.registry)
     spec = registry.model("tiny")
     assert spec.autoencoder == "tiny-autoencoder" and spec.unet == c["unet_params"]
-    assert registry.autoencoder("tiny-autoencoder").source.path == ae_file
+    assert registry.autoencoder("tiny-autoencoder").source.path.resolve() == ae_file.resolve()
 
 
 def test_pixel_model_must_condition_at_full_size(tmp_path: Path) -> None:
