@@ -49,6 +49,15 @@ def test_safetensors_roundtrip(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_saved_files_get_the_usual_mode(tmp_path: Path) -> None:
+    old = os.umask(0o022)
+    try:
+        save_safetensors(_model().state_dict(), tmp_path / "w.safetensors")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "w.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 class _Payload:
     def __init__(self, target: str) -> None:
         self.target = target
