@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
+from launch import torchrun
 from PIL import Image
 from tinymodels import write_registry
 
@@ -40,12 +40,6 @@ def test_world_from_env(monkeypatch) -> None:
     )
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
@@ -63,19 +57,7 @@ def test_torchrun_two_cpu_ranks(tmp_path: Path) -> None:
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(inputs / name)
     common = ["sr", str(inputs), "--registry", str(registry), "--model", "tiny-sr", "--json"]
 
-    launch = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        "-m",
-        "resshift_cli",
-    ]
+    launch = torchrun("-m", "resshift_cli")
     dist = subprocess.run(
         [*launch, *common, "-o", str(tmp_path / "dist")],
         capture_output=True,

@@ -9,15 +9,14 @@ import json
 import math
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from launch import torchrun
 from PIL import Image
 from reference import case, reference_path
 from safetensors.torch import load_file
@@ -490,12 +489,6 @@ def test_pixel_model_must_condition_at_full_size(tmp_path: Path) -> None:
         run_training(load_train_config(_config_file(tmp_path), ["data.crop=36"]), resume=False, quiet=True)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_processes_match_one(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (Gloo): same losses as one process, one log, one checkpoint."""
     path = _config_file(tmp_path, train={"steps": 3, "checkpoint_every": 2})
@@ -510,20 +503,7 @@ def test_two_processes_match_one(tmp_path: Path) -> None:
         "run_training(load_train_config(sys.argv[1], sys.argv[2:]), resume=False, quiet=True)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    command = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nproc-per-node",
-        "2",
-        "--master-addr",
-        "127.0.0.1",
-        "--master-port",
-        str(_free_port()),
-        str(script),
-        str(path),
-        f"output_dir={tmp_path / 'ddp'}",
-    ]
+    command = torchrun(str(script), str(path), f"output_dir={tmp_path / 'ddp'}")
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-3000:]
 
