@@ -63,11 +63,15 @@ class Restorer:
         return int(self.diffusion.sf)
 
     @property
+    def factor(self) -> int:
+        """Image pixels per latent pixel along each axis (1 for a pixel-space model)."""
+        return self.autoencoder.downsample_factor if self.autoencoder is not None else 1
+
+    @property
     def lq_multiple(self) -> int:
         """Input sizes are padded to a multiple of this, so every latent level fits its windows."""
         # The latent is lq * sf / factor and must be a multiple of the UNet's size multiple.
-        factor = self.autoencoder.downsample_factor if self.autoencoder is not None else 1
-        need = factor * self.unet.size_multiple
+        need = self.factor * self.unet.size_multiple
         return need // math.gcd(need, self.scale)
 
     def bytes_per_lq_pixel(self) -> float:
@@ -107,10 +111,8 @@ class Restorer:
         return [torch.stack(step).to(self.device) for step in zip(*per_tile, strict=True)]
 
     def _latent_shape(self, h: int, w: int) -> tuple[int, ...]:
-        if self.autoencoder is None:
-            return (3, h * self.scale, w * self.scale)
-        f = self.autoencoder.downsample_factor
-        return (self.autoencoder.embed_dim, h * self.scale // f, w * self.scale // f)
+        channels = self.autoencoder.embed_dim if self.autoencoder is not None else 3
+        return (channels, h * self.scale // self.factor, w * self.scale // self.factor)
 
     def unet_bytes_per_latent_pixel(self) -> float:
         """A generous estimate of the UNet's peak memory per latent pixel (skips, Swin, attention)."""
@@ -143,7 +145,7 @@ class Restorer:
         m = self.lq_multiple
         padded_h, padded_w = -(-height // m) * m, -(-width // m) * m
         progress = _Counter(on_progress)
-        factor = self.autoencoder.downsample_factor if self.autoencoder is not None else 1
+        factor = self.factor
         latent_path = self.autoencoder is not None and self.scale % factor == 0
         single = tile_size
         if latent_path:
@@ -262,8 +264,7 @@ class Restorer:
                 multiple=1,
                 batch_size=batch_size,
             )
-            gen = torch.Generator().manual_seed(seed)
-            noise = [torch.randn(z_y.shape, generator=gen).to(self.device) for _ in range(steps + 1)]
+            noise = self._noise([0], seed, tuple(z_y.shape[1:]))
             with self._autocast():
                 latent = self.diffusion.reverse(
                     z_y, self.unet, lq=lq, mask=mask_pm, noise=noise, on_step=progress.step
