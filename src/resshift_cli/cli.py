@@ -6,7 +6,6 @@ torch is imported only by the commands that need it, so ``--help`` and ``--versi
 from __future__ import annotations
 
 import functools
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 import click
 
 from resshift_cli import __version__
+from resshift_cli.runtime import DEVICE_PATTERN, PRECISIONS
 
 EXIT_CODES = """\b
 Exit codes:
@@ -28,8 +28,6 @@ Exit codes:
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 _PathArg = click.Path(path_type=Path)
-# The device names runtime.resolve_device accepts, checked here without importing torch.
-_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 def _registry_option(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -42,7 +40,7 @@ def _registry_option(f: Callable[..., Any]) -> Callable[..., Any]:
 
 def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
     """A malformed --device is a usage error (exit 2); an unavailable one fails at load (exit 3)."""
-    if not _DEVICE.fullmatch(value):
+    if not DEVICE_PATTERN.fullmatch(value):
         raise click.BadParameter(f"{value!r}; use auto, cpu, cuda, cuda:N or mps")
     return value
 
@@ -105,7 +103,7 @@ def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Cal
             ),
             click.option(
                 "--precision",
-                type=click.Choice(["auto", "fp32", "fp16", "bf16"]),
+                type=click.Choice(PRECISIONS),
                 default="auto",
                 show_default=True,
                 help="auto: fp16 autocast on CUDA (as upstream), fp32 on CPU.",

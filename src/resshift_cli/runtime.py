@@ -1,13 +1,19 @@
-"""Device and precision selection, kept explicit so CUDA, MPS and CPU runs behave predictably."""
+"""Device and precision selection, kept explicit so CUDA, MPS and CPU runs behave predictably.
+
+The names are checked without torch (the command line validates options before importing it);
+torch is imported by the functions that need it.
+"""
 
 from __future__ import annotations
 
 import re
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
 class RuntimeSetupError(Exception):
@@ -16,7 +22,9 @@ class RuntimeSetupError(Exception):
 
 def resolve_device(name: str) -> torch.device:
     """``auto`` picks CUDA, then MPS, then the CPU; an explicit device must be available."""
-    if not _DEVICE_RE.match(name):
+    import torch
+
+    if not DEVICE_PATTERN.fullmatch(name):
         raise RuntimeSetupError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps")
     if name == "auto":
         if torch.cuda.is_available():
@@ -44,6 +52,8 @@ def autocast_dtype(device: torch.device, precision: str) -> torch.dtype | None:
 
     ``auto`` is fp16 autocast on CUDA (as upstream runs) and fp32 elsewhere.
     """
+    import torch
+
     if precision not in PRECISIONS:
         raise RuntimeSetupError(f"unknown precision {precision!r}; use one of {', '.join(PRECISIONS)}")
     if precision == "auto":
