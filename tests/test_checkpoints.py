@@ -49,6 +49,24 @@ def test_safetensors_roundtrip(tmp_path: Path) -> None:
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
 
+def test_loading_in_a_layout_takes_the_file_tensors_cast_and_laid_out(tmp_path: Path) -> None:
+    source = _model()
+    half = {k: v.half() for k, v in source.state_dict().items()}
+    save_file(half, str(tmp_path / "m.safetensors"))
+    target = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Conv2d(4, 2, 1))
+    load_into(target, read_state_dict(tmp_path / "m.safetensors"), memory_format=torch.channels_last)
+    for key, value in target.state_dict().items():
+        assert value.dtype == torch.float32, key  # the model's dtype, not the file's
+        assert torch.equal(value, half[key].float()), key
+    assert target[0].weight.is_contiguous(memory_format=torch.channels_last)
+    assert not target[0].weight.is_contiguous()
+    assert isinstance(target[0].weight, torch.nn.Parameter) and target[0].weight.requires_grad
+    x = torch.randn(1, 3, 8, 8)
+    reference = _model()
+    reference.load_state_dict({k: v.float() for k, v in half.items()})
+    assert torch.allclose(target(x), reference(x), atol=1e-6)
+
+
 def test_saved_files_get_the_usual_mode(tmp_path: Path) -> None:
     old = os.umask(0o022)
     try:

@@ -91,12 +91,19 @@ def _is_flat(raw: Mapping) -> bool:
 
 
 def load_into(
-    model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], name: str = "model", shown: int = 5
+    model: torch.nn.Module,
+    state_dict: Mapping[str, torch.Tensor],
+    name: str = "model",
+    shown: int = 5,
+    *,
+    memory_format: torch.memory_format | None = None,
 ) -> None:
     """Load ``state_dict`` into ``model`` strictly, with an error a person can act on.
 
     The error names the model and lists a few missing, unexpected and wrongly shaped keys, then
-    their counts, instead of torch's wall of text.
+    their counts, instead of torch's wall of text. With ``memory_format`` the model takes the
+    tensors themselves (4-D ones laid out so, all cast to the model's dtypes) instead of copying
+    them: a memory-mapped file is then read once, lazily, and never copied twice for a layout.
     """
     expected = model.state_dict()
     missing = [k for k in expected if k not in state_dict]
@@ -116,7 +123,14 @@ def load_into(
         raise CheckpointError(
             f"checkpoint does not fit {name} ({'; '.join(parts)}); is it the right model or autoencoder?"
         )
-    model.load_state_dict(dict(state_dict), strict=True)
+    if memory_format is None:
+        model.load_state_dict(dict(state_dict), strict=True)
+        return
+    laid_out = {}
+    for key, value in state_dict.items():
+        value = value.to(expected[key].dtype)
+        laid_out[key] = value.contiguous(memory_format=memory_format) if value.dim() == 4 else value
+    model.load_state_dict(laid_out, strict=True, assign=True)
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:

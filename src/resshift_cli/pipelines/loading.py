@@ -70,7 +70,9 @@ def load_restorer(
     files = resolve_model(spec, registry, checkpoint, autoencoder, quiet=quiet)
     with _registry_parameters(registry, f"models.{spec.name}.unet"), skip_init():
         unet = UNet(**spec.unet)
-    load_into(unet, read_state_dict(files.unet_path), f"the UNet of {spec.name!r}")
+    # Loaded in the restorer's layout: its move to that layout then copies nothing.
+    layout = Restorer.layout()
+    load_into(unet, read_state_dict(files.unet_path), f"the UNet of {spec.name!r}", memory_format=layout)
     ae_model = None
     if spec.autoencoder is not None:
         ae_spec = registry.autoencoder(spec.autoencoder)
@@ -78,7 +80,12 @@ def load_restorer(
             ae_model = VQAutoencoder(ae_spec.embed_dim, ae_spec.n_embed, ae_spec.ddconfig)
         if files.autoencoder_path is None:
             raise ValueError(f"no autoencoder weights for {spec.name!r}")
-        load_into(ae_model, read_state_dict(files.autoencoder_path), f"the autoencoder {ae_spec.name!r}")
+        load_into(
+            ae_model,
+            read_state_dict(files.autoencoder_path),
+            f"the autoencoder {ae_spec.name!r}",
+            memory_format=layout,
+        )
     with _registry_parameters(registry, f"models.{spec.name}.diffusion"):
         diffusion = ResShiftDiffusion(**spec.diffusion)
     return Restorer(unet, ae_model, diffusion, device, precision)

@@ -49,9 +49,14 @@ class Restorer:
     attention in the autoencoder's middle costs under a tenth of its convolutions; at 256 it
     would cost half as much again as all of them."""
 
+    @staticmethod
+    def layout(optimize: bool = True) -> torch.memory_format:
+        """The weights' memory format: channels_last lets oneDNN/cuDNN run the convolutions
+        without layout conversions."""
+        return torch.channels_last if optimize else torch.contiguous_format
+
     def __post_init__(self) -> None:
-        # channels_last lets oneDNN/cuDNN run the convolutions without layout conversions.
-        layout = torch.channels_last if self.optimize else torch.contiguous_format
+        layout = self.layout(self.optimize)
         for model in (self.unet, self.autoencoder):
             if model is not None:
                 model.eval().requires_grad_(False).to(self.device, memory_format=layout)
