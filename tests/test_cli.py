@@ -93,8 +93,8 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
         OMP_NUM_THREADS="1",
         NO_COLOR="1",
         COLUMNS="200",
-        **extra,
     )
+    env.update(extra)
     return env
 
 
@@ -913,8 +913,12 @@ def test_weights_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry:
     lines = _lines(result.stdout)
     assert {"tiny-sr", "tiny-inpaint", "tiny-face", "tiny-sr-vq", "realsr-v3", "vq-f4"} <= lines.keys()
     assert lines["tiny-sr"].split()[:5] == ["tiny-sr", "sr", "x4", "4", "steps"]
-    assert "cached" in lines["tiny-sr"] and "cached" in lines["tiny-face-vq"]
+    # Entries with a registry path are files on disk, not downloads; the bundled lite is one.
+    assert "on disk" in lines["tiny-sr"] and "on disk" in lines["tiny-face-vq"] and "on disk" in lines["lite"]
     assert "not downloaded" in lines["realsr-v3"] and "[default for sr]" in lines["realsr-v3"]
+    (tmp_path / "gone.toml").write_text('[models.realsr-v3]\npath = "nowhere.safetensors"\n')
+    gone = _lines(invoke("weights", "list", "--registry", tmp_path / "gone.toml").stdout)
+    assert "file missing" in gone["realsr-v3"]
     assert lines["tiny-inpaint"].split()[:3] == ["tiny-inpaint", "inpaint", "x1"]
 
     monkeypatch.setenv("RESSHIFT_REGISTRY", str(write_registry(tmp_path, defaults=True)))
@@ -974,9 +978,12 @@ def test_weights_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registr
         "tiny-sr-vq",
         "tiny-inpaint-vq",
         "tiny-face-vq",
+        "lite",
     }
 
-    assert invoke("weights", "verify").stdout.strip() == "no weights on disk to verify"
+    # Only the bundled model is on disk with the built-in registry, and its hash is known.
+    bundled = invoke("weights", "verify").stdout.splitlines()
+    assert len(bundled) == 1 and bundled[0].startswith("ok") and "lite: sha256 ok" in bundled[0]
     absent = invoke("weights", "verify", "realsr-v3")
     assert absent.exit_code == 1 and absent.stdout.startswith("FAIL") and "not downloaded" in absent.stdout
 

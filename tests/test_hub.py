@@ -368,7 +368,8 @@ def test_offline_and_not_cached_is_one_line(
         resolve(registry)
     assert str(exc.value) == (
         "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
-        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH"
+        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
+        "or use the bundled model that needs no download: --model lite"
     )
     unet = tmp_path / "u.safetensors"
     unet.write_bytes(safetensors_bytes(tmp_path, 1))
@@ -393,7 +394,8 @@ def test_unreachable_network_is_one_line(
     assert "\n" not in message
     assert message.startswith("model 'tiny' is not in the cache and the hub is unreachable (hub: ")
     assert message.endswith(
-        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH"
+        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
+        "or use the bundled model that needs no download: --model lite"
     )
 
 
@@ -566,6 +568,7 @@ def test_subprocess_reads_the_environment(tmp_path: Path, server: HubServer) -> 
     assert empty.returncode == 3
     assert empty.stdout == (
         "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
-        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH\n"
+        "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
+        "or use the bundled model that needs no download: --model lite\n"
     )
     assert server.requests == []

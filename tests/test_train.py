@@ -218,7 +218,7 @@ def test_lite_config_builds_a_pixel_model_under_20_mb(tmp_path: Path) -> None:
     config = load_train_config(ROOT / "configs" / "lite.toml")
     assert config.model.autoencoder is None and config.model.diffusion["latent_flag"] is False
     unet = UNet(**config.model.unet)
-    assert unet.lq_size == unet.image_size == config.data.crop
+    assert unet.lq_size == unet.image_size  # conditioned on the upsampled LQ, at the output size
     assert config.data.crop % unet.size_multiple == 0
     weights = tmp_path / "lite.safetensors"
     save_safetensors(unet.state_dict(), weights)

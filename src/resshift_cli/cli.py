@@ -282,22 +282,25 @@ def _weights_errors(f: Callable[..., Any]) -> Callable[..., Any]:
 def weights_list(registry: Path | None) -> None:
     """Show every model and autoencoder, and whether it is on disk."""
     from resshift_cli.hub import cached_path
-    from resshift_cli.registry import load_registry
+    from resshift_cli.registry import AutoencoderSpec, ModelSpec, load_registry
 
     reg = load_registry(registry)
     defaults = {v: k for k, v in reg.defaults.items()}
+
+    def status(entry: ModelSpec | AutoencoderSpec) -> str:
+        found = cached_path(entry.name, reg) is not None
+        if entry.source.path is not None:  # a file named by the registry, never downloaded
+            return "on disk" if found else "file missing"
+        return "cached" if found else "not downloaded"
+
     for spec in reg.models.values():
-        where = cached_path(spec.name, reg)
         default = f" [default for {defaults[spec.name]}]" if spec.name in defaults else ""
         click.echo(
             f"{spec.name:18} {spec.task:8} x{spec.scale} {spec.steps:2d} steps  "
-            f"{'cached' if where else 'not downloaded':14} {spec.description}{default}"
+            f"{status(spec):14} {spec.description}{default}"
         )
     for ae in reg.autoencoders.values():
-        where = cached_path(ae.name, reg)
-        click.echo(
-            f"{ae.name:18} {'vq':8} {'':13} {'cached' if where else 'not downloaded':14} {ae.description}"
-        )
+        click.echo(f"{ae.name:18} {'vq':8} {'':13} {status(ae):14} {ae.description}")
 
 
 @weights.command("fetch", context_settings=CONTEXT)

@@ -38,7 +38,14 @@ from typing import Any
 from huggingface_hub import constants
 
 from resshift_cli import __version__
-from resshift_cli.registry import AutoencoderSpec, ModelSpec, Registry, WeightSource, load_registry
+from resshift_cli.registry import (
+    BUNDLED_SR_MODEL,
+    AutoencoderSpec,
+    ModelSpec,
+    Registry,
+    WeightSource,
+    load_registry,
+)
 
 ProgressCallback = Callable[[str, int, int | None], None]
 """Called as ``progress(name, bytes_done, bytes_total_or_None)`` while a file downloads."""
@@ -244,7 +251,7 @@ def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: Prog
     role, name, source = _role(entry), entry.name, entry.source
     flag = "--checkpoint" if role == "model" else "--autoencoder"
     if _offline():
-        raise WeightsNotCachedError(_not_cached_message(role, name, flag, "offline: HF_HUB_OFFLINE is set"))
+        raise WeightsNotCachedError(_not_cached_message(entry, flag, "offline: HF_HUB_OFFLINE is set"))
     failures: list[str] = []
     unreachable: list[str] = []
     if source.repo_id is not None and source.filename is not None:
@@ -262,17 +269,20 @@ def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: Prog
         except DownloadError as exc:
             failures.append(f"{source.url}: {exc}")
     if unreachable and not failures:
-        raise WeightsNotCachedError(_not_cached_message(role, name, flag, "; ".join(unreachable)))
+        raise WeightsNotCachedError(_not_cached_message(entry, flag, "; ".join(unreachable)))
     raise DownloadError(
         f"{role} {name!r} could not be downloaded ({'; '.join(failures + unreachable)}); pass {flag} PATH"
     )
 
 
-def _not_cached_message(role: str, name: str, flag: str, why: str) -> str:
-    return (
-        f"{role} {name!r} is not in the cache and the hub is unreachable ({why}); "
-        f"run 'resshift weights fetch {name}' with network access, or pass {flag} PATH"
+def _not_cached_message(entry: ModelSpec | AutoencoderSpec, flag: str, why: str) -> str:
+    message = (
+        f"{_role(entry)} {entry.name!r} is not in the cache and the hub is unreachable ({why}); "
+        f"run 'resshift weights fetch {entry.name}' with network access, or pass {flag} PATH"
     )
+    if isinstance(entry, ModelSpec) and entry.task == "sr":
+        message += f", or use the bundled model that needs no download: --model {BUNDLED_SR_MODEL}"
+    return message
 
 
 class _Unreachable(Exception):

@@ -29,6 +29,8 @@ ENV_VAR = "RESSHIFT_REGISTRY"
 TASKS = ("sr", "inpaint", "face")
 DEFAULT_REVISION = "main"
 BUILTIN_LABEL = "resshift_cli/weights.toml"
+BUNDLED_SR_MODEL = "lite"
+"""The small x4 SR model shipped inside the package (configs/lite.toml): works with no download."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 _REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -142,6 +144,12 @@ def builtin_registry_text() -> str:
     return (resources.files("resshift_cli") / "weights.toml").read_text(encoding="utf-8")
 
 
+def package_dir() -> Path:
+    """The installed package's directory: the base of the built-in registry's relative paths
+    (the bundled ``lite`` model lives there)."""
+    return Path(str(resources.files("resshift_cli")))
+
+
 def load_registry(
     user_file: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Registry:
@@ -149,11 +157,11 @@ def load_registry(
     and validate the result.
 
     ``env`` defaults to ``os.environ``; relative ``path`` keys are resolved against the directory
-    of the file that sets them.
+    of the file that sets them (the package directory for the built-in file).
     """
     env = os.environ if env is None else env
-    layers: list[tuple[str, dict[str, Any], Path | None]] = [
-        (BUILTIN_LABEL, _parse(builtin_registry_text(), BUILTIN_LABEL), None)
+    layers: list[tuple[str, dict[str, Any], Path]] = [
+        (BUILTIN_LABEL, _parse(builtin_registry_text(), BUILTIN_LABEL), package_dir())
     ]
     env_file = env.get(ENV_VAR)
     if env_file:
@@ -189,7 +197,7 @@ def _parse(text: str, label: str) -> dict[str, Any]:
         raise RegistryError(f"{label}: invalid TOML: {exc}") from None
 
 
-def _resolve_paths(data: dict[str, Any], base: Path | None) -> None:
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     """Make each entry's ``path`` absolute, relative to the file that sets it."""
     for section in ("models", "autoencoders"):
         entries = data.get(section)
@@ -198,7 +206,7 @@ def _resolve_paths(data: dict[str, Any], base: Path | None) -> None:
         for entry in entries.values():
             if isinstance(entry, dict) and isinstance(entry.get("path"), str) and entry["path"]:
                 path = Path(entry["path"]).expanduser()
-                if not path.is_absolute() and base is not None:
+                if not path.is_absolute():
                     path = base / path
                 entry["path"] = str(path)
 

@@ -1,0 +1,105 @@
+"""The bundled ``lite`` model: inside the package, registered with its hash, and restoring held-out
+photos offline (empty cache, no network) better than bicubic upsampling does."""
+
+from __future__ import annotations
+
+import hashlib
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_cli import run_entry_point
+
+from resshift_cli.diffusion import ResShiftDiffusion
+from resshift_cli.imageio import load_image, save_image
+from resshift_cli.metrics import psnr, ssim
+from resshift_cli.registry import BUNDLED_SR_MODEL, load_registry, package_dir
+from resshift_cli.training.degradations import realesrgan_degrade
+
+PROJECT = Path(__file__).resolve().parents[1]
+# lite trains on traindata/bsds500 and holds Kodak out; the first images in name order, not chosen
+# by how well the model does on them.
+KODAK = sorted((PROJECT.parent / "shared" / "traindata" / "kodak").glob("*.png"))
+CROP = 128
+
+
+@pytest.fixture(scope="module")
+def lite():
+    return load_registry(env={}).model(BUNDLED_SR_MODEL)
+
+
+def test_lite_weights_ship_inside_the_package_with_their_hash(lite) -> None:
+    path = lite.source.path
+    assert path is not None and path.is_file()
+    assert path.resolve().is_relative_to(package_dir().resolve())
+    assert path.stat().st_size <= 20 * 2**20
+    assert lite.source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert lite.source.repo_id is None and lite.source.url is None
+    assert lite.autoencoder is None and lite.task == "sr" and lite.scale == 4
+
+
+def test_the_built_wheel_contains_the_weights(tmp_path: Path, lite) -> None:
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            tmp_path,
+            PROJECT,
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("resshift_cli-*.whl")
+    relative = lite.source.path.resolve().relative_to(package_dir().resolve().parent)
+    with zipfile.ZipFile(wheel) as archive:
+        assert archive.read(relative.as_posix()) == lite.source.path.read_bytes()
+
+
+def _y_scores(outputs: list[np.ndarray], truths: list[np.ndarray]) -> tuple[float, float]:
+    pairs = list(zip(outputs, truths, strict=True))
+    return (
+        float(np.mean([psnr(o, t, crop_border=4, y_channel=True) for o, t in pairs])),
+        float(np.mean([ssim(o, t, crop_border=4, y_channel=True) for o, t in pairs])),
+    )
+
+
+def test_lite_restores_offline_and_beats_bicubic(tmp_path: Path, lite) -> None:
+    """All 24 held-out Kodak photos (never trained on), centre crops degraded as the model was
+    trained (Real-ESRGAN's second-order degradation, fixed seeds): mean PSNR-Y and SSIM-Y above
+    bicubic's (measured 22.80 vs 22.51 dB, 0.514 vs 0.497). The issue's goal of +0.5 dB on
+    imagenet-val is not reached by this model; README gives its numbers."""
+    inputs = tmp_path / "lq"
+    inputs.mkdir()
+    truths, bicubic = [], []
+    upsample = ResShiftDiffusion(**lite.diffusion).upsample
+    for index, path in enumerate(KODAK):
+        rgb = load_image(path).rgb
+        top, left = (rgb.shape[0] - CROP) // 2, (rgb.shape[1] - CROP) // 2
+        hq = torch.from_numpy(np.ascontiguousarray(rgb[top : top + CROP, left : left + CROP])).permute(
+            2, 0, 1
+        )
+        lq = realesrgan_degrade(hq, 4, None, torch.Generator().manual_seed(index))
+        save_image(inputs / f"{path.stem}.png", lq.permute(1, 2, 0).numpy())
+        truths.append(hq.permute(1, 2, 0).numpy())
+        up = upsample(lq[None])[0].permute(1, 2, 0).clamp(0, 1).numpy()
+        bicubic.append(np.round(up * 255) / 255)
+    # A fresh HF home and HF_HUB_OFFLINE=1: nothing can come from a cache or the network.
+    done = run_entry_point(
+        tmp_path, "sr", inputs, "-o", tmp_path / "out", "--model", "lite", OMP_NUM_THREADS="2"
+    )
+    assert done.returncode == 0, done.stderr
+    restored = [load_image(tmp_path / "out" / f"{p.stem}.png").rgb for p in KODAK]
+    lite_psnr, lite_ssim = _y_scores(restored, truths)
+    bicubic_psnr, bicubic_ssim = _y_scores(bicubic, truths)
+    assert lite_psnr > bicubic_psnr, (lite_psnr, bicubic_psnr)
+    assert lite_ssim > bicubic_ssim, (lite_ssim, bicubic_ssim)
