@@ -8,6 +8,7 @@ from reference import case, reference_path
 
 from resshift_cli import UNet, VQAutoencoder
 from resshift_cli.checkpoints import load_into, read_state_dict
+from resshift_cli.models import swin
 from resshift_cli.models.swin import SwinTransformerBlock, shifted_window_mask
 
 
@@ -71,7 +72,14 @@ def _brute_force_block(block: SwinTransformerBlock, x: torch.Tensor) -> torch.Te
 
 @pytest.mark.parametrize("size", [(8, 8), (8, 12), (16, 4)])
 @pytest.mark.parametrize("shift", [0, 2])
-def test_window_attention_matches_brute_force_at_any_size(size: tuple[int, int], shift: int) -> None:
+@pytest.mark.parametrize("chunk_bytes", [None, 1, 3 * 8192])
+def test_window_attention_matches_brute_force_at_any_size(
+    size: tuple[int, int], shift: int, chunk_bytes: int | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Also in chunks (as large maps run): one window / row at a time, and 3 windows / 6 rows,
+    which splits the maps of a batch of two unevenly."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(swin, "CHUNK_BYTES", chunk_bytes)
     torch.manual_seed(0)
     block = SwinTransformerBlock(dim=32, resolution=8, num_heads=2, window=4, shift=shift, mlp_ratio=2).eval()
     torch.nn.init.normal_(block.attn.relative_position_bias_table, std=0.5)

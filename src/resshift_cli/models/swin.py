@@ -13,6 +13,11 @@ from torch import nn
 
 from resshift_cli.models.layers import normalization
 
+CHUNK_BYTES = 16 * 2**20
+"""Target size of one chunk's largest temporary on the chunked inference paths: small enough for
+the allocator to reuse freed blocks (glibc maps anything above 32 MB afresh, page by page) and
+to bound the memory of the full-resolution blocks, large enough for efficient matrix products."""
+
 
 def window_partition(x: torch.Tensor, window: int) -> torch.Tensor:
     """(B, H, W, C) -> (B * H/window * W/window, window * window, C)."""
@@ -99,13 +104,34 @@ class WindowAttention(nn.Module):
         return bias
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B * nW, N, C); mask: (nW, N, N) additive, or None."""
+        """x: (B * nW, N, C); mask: (nW, N, N) additive, or None.
+
+        On the fast path without autograd, many windows are processed a chunk at a time (the
+        windows are independent, so the result is the same): the q/k/v temporaries of a large map
+        stay small enough to be reused from the heap instead of costing gigabytes.
+        """
+        bw, n, c = x.shape
+        chunk = max(1, CHUNK_BYTES // (4 * n * c * 4))
+        if not (self.fast and bw > chunk and not torch.is_grad_enabled()):
+            return self._attend(x, self.attention_bias(mask, x.dtype), mask)
+        bias = self.attention_bias(mask, x.dtype)
+        nw = mask.shape[0] if mask is not None else bw
+        out = torch.empty_like(x)
+        for image_start in range(0, bw, nw):
+            for start in range(0, nw, chunk):
+                stop = min(start + chunk, nw)
+                rows = slice(image_start + start, image_start + stop)
+                window_bias = bias[start:stop] if mask is not None else bias
+                out[rows] = self._attend(x[rows], window_bias, mask)
+        return out
+
+    def _attend(self, x: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention over the windows ``x`` (W, N, C) with their bias (1 or W, heads, N, N)."""
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        bias = self.attention_bias(mask, q.dtype)
-        if mask is not None:
-            nw = mask.shape[0]
+        if mask is not None and bias.shape[0] != bw:
+            nw = bias.shape[0]
             bias = bias.unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
@@ -174,7 +200,15 @@ class SwinTransformerBlock(nn.Module):
         if self.shift:
             y = torch.roll(y, shifts=(self.shift, self.shift), dims=(1, 2))
         x = shortcut + y.permute(0, 3, 1, 2)
-        return x + self.mlp(self.norm2(x))
+        hidden = self.mlp.fc1.out_channels
+        rows = max(1, CHUNK_BYTES // (4 * hidden * w * x.shape[0]))
+        if not (self.attn.fast and h > rows and not torch.is_grad_enabled()):
+            return x + self.mlp(self.norm2(x))
+        # The MLP is pixel-wise: run it a band of rows at a time (exact; see WindowAttention.forward).
+        normed = self.norm2(x)
+        for top in range(0, h, rows):
+            x[:, :, top : top + rows] += self.mlp(normed[:, :, top : top + rows])
+        return x
 
 
 class PatchEmbed(nn.Module):
