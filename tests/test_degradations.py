@@ -74,7 +74,7 @@ def test_config_defaults_are_realesrgan():
     assert (config.poisson_scale_range, config.poisson_scale_range2) == ((0.05, 3.0), (0.05, 2.5))
     assert (config.gray_noise_prob, config.gray_noise_prob2) == (0.4, 0.4)
     assert (config.jpeg_range, config.jpeg_range2) == ((30, 95), (30, 95))
-    assert config.second_blur_prob == 0.8
+    assert (config.second_order_prob, config.second_blur_prob) == (1.0, 0.8)
     assert config.resize_modes == ("area", "bilinear", "bicubic")
 
 
@@ -93,6 +93,7 @@ def test_config_is_frozen_overridable_and_validated():
         {"blur_sigma2": (0.0, 1.0)},
         {"resize_range": (1.2, 1.5)},
         {"final_sinc_prob": 1.5},
+        {"second_order_prob": -0.1},
         {"resize_modes": ("nearest",)},
         {"kernel_types": ("iso", "box"), "kernel_probs": (0.5, 0.5)},
     ):
@@ -292,28 +293,47 @@ def test_realesrgan_degrades_more_than_bicubic_on_photos():
     assert real < bicubic - 1.0, (real, bicubic)
 
 
+_IDENTITY = {
+    "kernel_sizes": (1,),
+    "kernel_sizes2": (1,),
+    "sinc_prob": 0.0,
+    "sinc_prob2": 0.0,
+    "final_sinc_prob": 0.0,
+    "resize_probs": (0.0, 0.0, 1.0),
+    "resize_probs2": (0.0, 0.0, 1.0),
+    "resize_modes": ("area",),
+    "gaussian_noise_prob": 1.0,
+    "gaussian_noise_prob2": 1.0,
+    "noise_range": (0.0, 0.0),
+    "noise_range2": (0.0, 0.0),
+    "jpeg_range": (100, 100),
+    "jpeg_range2": (100, 100),
+}
+"""No blur (kernels as narrow as possible), no resize, no noise, top JPEG quality, no sinc."""
+
+
 def test_realesrgan_identity_config_is_close_to_plain_resize():
-    # No blur (kernels as narrow as possible), no resize, tiny noise, top JPEG quality, no sinc:
-    # what is left is close to a plain downscale.
-    config = DegradationConfig(
-        kernel_sizes=(1,),
-        kernel_sizes2=(1,),
-        sinc_prob=0.0,
-        sinc_prob2=0.0,
-        final_sinc_prob=0.0,
-        resize_probs=(0.0, 0.0, 1.0),
-        resize_probs2=(0.0, 0.0, 1.0),
-        resize_modes=("area",),
-        gaussian_noise_prob=1.0,
-        gaussian_noise_prob2=1.0,
-        noise_range=(0.0, 0.0),
-        noise_range2=(0.0, 0.0),
-        jpeg_range=(100, 100),
-        jpeg_range2=(100, 100),
-    )
+    # What is left is close to a plain downscale.
+    config = DegradationConfig(**_IDENTITY)
     hq = _photos(2, size=64)
     lq = realesrgan_degrade(hq, 4, config, _gen(0))
     assert _psnr(lq, F.avg_pool2d(hq, 4)) > 35
+
+
+def test_second_order_prob_decides_whether_the_second_round_happens():
+    # Everything else as mild as possible (see the identity test below), and a second round that
+    # drowns the image in noise: each LQ shows whether its second round ran.
+    fields = {**_IDENTITY, "noise_range2": (120.0, 120.0), "gray_noise_prob2": 0.0}
+    hq = _photos(12, size=64)
+    plain = F.avg_pool2d(hq, 4)
+
+    def second_rounds(probability: float) -> list[bool]:
+        lq = realesrgan_degrade(hq, 4, DegradationConfig(second_order_prob=probability, **fields), _gen(3))
+        return [_psnr(one, reference) < 20 for one, reference in zip(lq, plain, strict=True)]
+
+    assert not any(second_rounds(0.0))
+    assert all(second_rounds(1.0))
+    assert 0 < sum(second_rounds(0.5)) < 12
 
 
 # --- crops and flips -------------------------------------------------------------------------------

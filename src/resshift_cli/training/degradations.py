@@ -56,7 +56,9 @@ _ODD_SIZES_7_TO_21 = (7, 9, 11, 13, 15, 17, 19, 21)
 class DegradationConfig:
     """Parameters of the Real-ESRGAN degradation; the defaults are those of the Real-ESRGAN x4 model.
 
-    Fields ending in ``2`` belong to the second round. Noise sigmas are on the 0..255 scale. Resize
+    Fields ending in ``2`` belong to the second round, which happens with probability
+    ``second_order_prob`` (1 in Real-ESRGAN; ResShift's training uses 0.5, which gives milder inputs;
+    the final resize, sinc filter and JPEG always happen). Noise sigmas are on the 0..255 scale. Resize
     probabilities are (up, down, keep); the scale is drawn in [1, hi] going up and [lo, 1] going down.
     Sequences given as lists are stored as tuples; inconsistent values raise ``ValueError``.
     """
@@ -76,6 +78,7 @@ class DegradationConfig:
     gray_noise_prob: float = 0.4
     jpeg_range: tuple[int, int] = (30, 95)
 
+    second_order_prob: float = 1.0
     second_blur_prob: float = 0.8
     kernel_sizes2: tuple[int, ...] = _ODD_SIZES_7_TO_21
     kernel_types2: tuple[str, ...] = KERNEL_TYPES
@@ -131,6 +134,7 @@ class DegradationConfig:
             "gaussian_noise_prob2",
             "gray_noise_prob",
             "gray_noise_prob2",
+            "second_order_prob",
             "second_blur_prob",
             "final_sinc_prob",
         ):
@@ -514,11 +518,13 @@ def _degrade_one(
     out = _random_noise(out, generator, first)
     out = jpeg_compress(out, _randint(generator, *first.jpeg_range))
 
-    if _rand(generator) < config.second_blur_prob:
-        out = _filter(out, random_kernel(config, generator, stage=2))
-    size = _random_size(generator, second, height / scale, width / scale)
-    out = _resize(out, size, _choice(generator, config.resize_modes))
-    out = _random_noise(out, generator, second)
+    # No draw when the second round always happens, so the Real-ESRGAN default keeps its sequence.
+    if config.second_order_prob >= 1.0 or _rand(generator) < config.second_order_prob:
+        if _rand(generator) < config.second_blur_prob:
+            out = _filter(out, random_kernel(config, generator, stage=2))
+        size = _random_size(generator, second, height / scale, width / scale)
+        out = _resize(out, size, _choice(generator, config.resize_modes))
+        out = _random_noise(out, generator, second)
 
     sinc = None
     if _rand(generator) < config.final_sinc_prob:
