@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     device = resolve_device("cpu")
-    realsr, _ = build(device, None)
+    realsr = build(device, None)
     registry = load_registry()
     lite = load_restorer(
         registry.model(BUNDLED_SR_MODEL), registry, device=device, precision=None, quiet=True
