@@ -187,6 +187,18 @@ kappa = 1.5
     assert spec.unet == builtin.unet
 
 
+def test_other_weights_do_not_inherit_the_builtin_hash(tmp_path: Path) -> None:
+    """Your own run named like a built-in model (``resshift train`` writes such a file) points at
+    another file; the built-in sha256 belongs to the built-in file and must not be checked."""
+    assert load_registry(env={}).model("lite").source.sha256 is not None
+    user = write(tmp_path / "registry.toml", '[models.lite]\npath = "lite.safetensors"\n')
+    spec = load_registry(user, env={}).model("lite")
+    assert spec.source.path == tmp_path / "lite.safetensors" and spec.source.sha256 is None
+    # A layer that changes something else keeps the hash.
+    user = write(tmp_path / "described.toml", '[models.lite]\ndescription = "x"\n')
+    assert load_registry(user, env={}).model("lite").source.sha256 is not None
+
+
 def test_user_file_adds_an_entry(tmp_path: Path) -> None:
     user = write(
         tmp_path / "my.toml",

@@ -173,6 +173,7 @@ def load_registry(
     origin: dict[Key, int] = {}
     for index, (_, data, base) in enumerate(layers):
         _resolve_paths(data, base)
+        _forget_stale_hashes(merged, data)
         _merge(merged, data, (), index, origin)
     return _Validator(merged, origin, tuple(label for label, _, _ in layers)).registry()
 
@@ -209,6 +210,19 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
                 if not path.is_absolute():
                     path = base / path
                 entry["path"] = str(path)
+
+
+def _forget_stale_hashes(merged: dict[str, Any], new: Mapping[str, Any]) -> None:
+    """Drop an entry's ``sha256`` when a later layer points it at other weights without giving
+    one: the hash belongs to the file, and the file changed (e.g. your own run named ``lite``)."""
+    for section, entries in new.items():
+        if not isinstance(entries, dict) or not isinstance(merged.get(section), dict):
+            continue
+        for name, entry in entries.items():
+            old = merged[section].get(name)
+            moved = isinstance(entry, dict) and any(k in entry for k in _SOURCE_KEYS if k != "sha256")
+            if moved and "sha256" not in entry and isinstance(old, dict):
+                old.pop("sha256", None)
 
 
 def _merge(
