@@ -6,17 +6,10 @@ are loaded lazily so that the command line starts without importing torch.
 
 from __future__ import annotations
 
-import os
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-
-# Large CPU tensors on transparent huge pages (torch reads this once, at its first large allocation):
-# glibc maps every block above 32 MB afresh, and faulting it in 4 KB pages cost up to a third of
-# the time of memory-bound layers; 2 MB pages cut the faults ~70x and keep nothing after a free.
-# Set THP_MEM_ALLOC_ENABLE=0 to turn it off.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 _LAZY = {
     "UNet": "resshift_cli.models.unet",
