@@ -38,8 +38,8 @@ def test_optimised_and_plain_agree() -> None:
     assert (fast - plain).abs().max() < 1e-4
 
 
-def test_whole_latent_path_counts_bounded_tiles() -> None:
-    restorer = _tiny_sr()
+def _count_calls(restorer: Restorer) -> dict[str, int]:
+    """Count the restorer's encode, decode and network calls from now on."""
     calls = {"encode": 0, "decode": 0, "unet": 0}
     for name, obj, attr in (
         ("encode", restorer.autoencoder, "encode"),
@@ -53,6 +53,12 @@ def test_whole_latent_path_counts_bounded_tiles() -> None:
             return _original(*args, **kwargs)
 
         setattr(obj, attr, counted)
+    return calls
+
+
+def test_whole_latent_path_counts_bounded_tiles() -> None:
+    restorer = _tiny_sr()
+    calls = _count_calls(restorer)
     seen: list[tuple[int, int]] = []
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     # An overlap far larger than the tile is capped at half a tile: 7 x 7 encoder tiles, not 49 x 49.
@@ -61,6 +67,16 @@ def test_whole_latent_path_counts_bounded_tiles() -> None:
     assert calls["unet"] == restorer.diffusion.num_timesteps  # the network runs once per step, whole latent
     assert calls["encode"] <= 49 and calls["decode"] <= 49
     assert seen[-1][0] == seen[-1][1] == len(seen)
+
+
+def test_autoencoder_tiles_overlap_by_a_quarter_of_the_overlap() -> None:
+    restorer = _tiny_sr()
+    calls = _count_calls(restorer)
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    restorer.restore(image, seed=1, tile=16, overlap=16)
+    # 64 input pixels in tiles of 16 overlapping by 4: 5 per axis (by 8, it would take 7).
+    assert calls["encode"] == 25
+    assert calls["decode"] == 25
 
 
 def test_batching_tiles_changes_nothing_but_rounding() -> None:
