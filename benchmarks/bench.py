@@ -305,9 +305,15 @@ def main(argv: list[str] | None = None) -> None:
         e2e = summarise("optimised", fast_runs, flops, size * size, peak_rate)
         if plain_runs:
             e2e_plain = summarise("plain eager", plain_runs, flops, size * size, peak_rate)
-            diff = (fast_runs[0].output - plain_runs[0].output).abs().max().item()
+            gap = (fast_runs[0].output - plain_runs[0].output).abs()
+            diff = gap.max().item()
             verdict = "ok" if diff <= 1e-3 else "MISMATCH"
             print(f"  speed-up {e2e_plain / e2e:.2f}x; outputs agree to {diff:.2e} ({verdict}, limit 1e-3)")
+            if diff > 1e-3:
+                # Float rounding moves a few latent vectors across the middle between two codebook
+                # entries; the quantiser then picks the other one and the decoded pixels there differ.
+                share = (gap.amax(1) > 1e-3).float().mean().item()
+                print(f"  {share:.4%} of output pixels differ by more than 1e-3")
     print(f"\nmatrix-product rate over the run: {', '.join(f'{r:.0f}' for r in rates)} GFLOP/s")
 
 
