@@ -200,10 +200,10 @@ def run_once(restorer: Restorer, image: torch.Tensor, seed: int) -> Run:
         for attr in ("encode", "decode", "forward"):
             obj.__dict__.pop(attr, None)
     assert restorer.autoencoder is not None
+    quantise = restorer.autoencoder.quantize
     with torch.inference_mode():
         for call in calls:
             if call.latent is not None:
-                quantise = restorer.autoencoder.quantize
                 call.codes = quantise(call.latent.to(restorer.device, quantise.embedding.weight.dtype)).cpu()
     return Run(seconds, peak, calls, output)
 

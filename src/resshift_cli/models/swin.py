@@ -111,27 +111,27 @@ class WindowAttention(nn.Module):
         stay small enough to be reused from the heap instead of costing gigabytes.
         """
         bw, n, c = x.shape
+        bias = self.attention_bias(mask, x.dtype)
         chunk = max(1, CHUNK_BYTES // (4 * n * c * 4))
         if not (self.fast and bw > chunk and not torch.is_grad_enabled()):
-            return self._attend(x, self.attention_bias(mask, x.dtype), mask)
-        bias = self.attention_bias(mask, x.dtype)
+            return self._attend(x, bias)
         nw = mask.shape[0] if mask is not None else bw
         out = torch.empty_like(x)
         for image_start in range(0, bw, nw):
             for start in range(0, nw, chunk):
                 stop = min(start + chunk, nw)
                 rows = slice(image_start + start, image_start + stop)
-                window_bias = bias[start:stop] if mask is not None else bias
-                out[rows] = self._attend(x[rows], window_bias, mask)
+                out[rows] = self._attend(x[rows], bias[start:stop] if mask is not None else bias)
         return out
 
-    def _attend(self, x: torch.Tensor, bias: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        """Attention over the windows ``x`` (W, N, C) with their bias (1 or W, heads, N, N)."""
+    def _attend(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """Attention over the windows ``x`` (W, N, C) with a bias shared by all of them (1, heads,
+        N, N), one per window (W, ...), or one per window of an image that ``x`` repeats (nW, ...)."""
         bw, n, c = x.shape
         qkv = self.qkv(x).reshape(bw, n, 3, self.num_heads, c // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
-        if mask is not None and bias.shape[0] != bw:
-            nw = bias.shape[0]
+        nw = bias.shape[0]
+        if nw not in (1, bw):
             bias = bias.unsqueeze(0).expand(bw // nw, -1, -1, -1, -1).reshape(bw, self.num_heads, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(out.transpose(1, 2).reshape(bw, n, c))
