@@ -87,6 +87,7 @@ class Call:
     shapes: tuple[tuple[int, ...], ...]
     latent: torch.Tensor | None = None  # a decode call's input, and its codes after quantisation
     codes: torch.Tensor | None = None
+    timestep: int | None = None  # a network call's step: the calls of one step share it
 
 
 @dataclass
@@ -114,7 +115,8 @@ def instrument(restorer: Restorer, calls: list[Call]) -> None:
             seconds = time.perf_counter() - started
             shapes = tuple(tuple(a.shape) for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor))
             latent = args[0].detach().float().cpu() if stage == "decode" else None
-            calls.append(Call(stage, seconds, memory.stop(), shapes, latent))
+            timestep = int(args[1].reshape(-1)[0]) if stage == "unet" else None
+            calls.append(Call(stage, seconds, memory.stop(), shapes, latent, timestep=timestep))
             return out
 
         setattr(obj, attr, timed)
@@ -125,15 +127,23 @@ def instrument(restorer: Restorer, calls: list[Call]) -> None:
     wrap(restorer.unet, "forward", "unet")
 
 
-def build(device: torch.device, precision: torch.dtype | None, optimize: bool = True) -> Restorer:
-    """realsr-v3 with random weights drawn from seed 0: every build has the same weights."""
+def build(
+    device: torch.device,
+    precision: torch.dtype | None,
+    optimize: bool = True,
+    unet_memory: float | None = None,
+) -> Restorer:
+    """realsr-v3 with random weights drawn from seed 0: every build has the same weights.
+
+    ``unet_memory`` caps the network's estimated memory (bytes; None: the restorer's default)."""
     registry = load_registry()
     spec = registry.model("realsr-v3")
     ae_spec = registry.autoencoder(spec.autoencoder or "vq-f4")
     torch.manual_seed(0)
     unet = UNet(**spec.unet)
     autoencoder = VQAutoencoder(ae_spec.embed_dim, ae_spec.n_embed, ae_spec.ddconfig)
-    return Restorer(unet, autoencoder, ResShiftDiffusion(**spec.diffusion), device, precision, optimize)
+    diffusion = ResShiftDiffusion(**spec.diffusion)
+    return Restorer(unet, autoencoder, diffusion, device, precision, optimize, unet_memory)
 
 
 class FlopTable:
@@ -220,7 +230,8 @@ def run_path(
 
     One model at a time is in memory, as in a user's process, so the peaks are a user's peaks.
     """
-    restorer = build(device, precision, optimize)
+    unet_memory = None if args.unet_memory is None else args.unet_memory * 2**30
+    restorer = build(device, precision, optimize, unet_memory)
     for _ in range(args.warmup):  # allocator, oneDNN primitives, the models' caches
         run_once(restorer, image, args.seed)
     runs = []
@@ -239,11 +250,13 @@ def summarise(label: str, runs: list[Run], flops: FlopTable, pixels: int, peak_r
     stage_flops: dict[str, int] = defaultdict(int)
     for run in runs:
         totals: dict[str, float] = defaultdict(float)
-        steps = 0
+        steps, timestep = 0, None
         for call in run.calls:
             name = call.stage
             if call.stage == "unet":
-                steps += 1
+                # Tiles of one step share its timestep; each step gets one line.
+                if call.timestep != timestep:
+                    steps, timestep = steps + 1, call.timestep
                 name = f"unet step {steps}"
             totals[name] += call.seconds
             peaks[name] = max(peaks[name], call.peak)
@@ -256,7 +269,12 @@ def summarise(label: str, runs: list[Run], flops: FlopTable, pixels: int, peak_r
         stage_flops[stage] += flops.flops(call)
     total_flops = sum(stage_flops.values())
     e2e = statistics.median(r.seconds for r in runs)
-    print(f"  {label}: {len(runs)} runs")
+    first_step = [c for c in runs[0].calls if c.stage == "unet"]
+    first_step = [c for c in first_step if c.timestep == first_step[0].timestep]
+    tiles = sum(c.shapes[0][0] for c in first_step)
+    side = "x".join(str(n) for n in first_step[0].shapes[0][-2:])
+    where = "on the whole latent" if tiles == 1 else f"in {tiles} tiles of {side} latent px at every step"
+    print(f"  {label}: {len(runs)} runs; the network {where}")
     print(f"    {'stage':18} {'median s':>9} {'peak MB':>9}")
     for name in sorted(per_stage, key=_stage_order):
         print(f"    {name:18} {statistics.median(per_stage[name]):9.3f} {peaks.get(name, 0) / 2**20:9.0f}")
@@ -312,6 +330,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-plain", action="store_true", help="skip the plain eager comparison")
     parser.add_argument("--seed", type=int, default=12345)
     parser.add_argument("--warmup", type=int, default=1, help="unmeasured runs before the measured ones")
+    parser.add_argument(
+        "--unet-memory",
+        type=float,
+        help=f"cap on the network's estimated memory in GiB (default {Restorer.UNET_MEMORY / 2**30:g}); "
+        "latents above it run the network in tiles at every step",
+    )
     args = parser.parse_args(argv)
 
     device = resolve_device(args.device)
@@ -330,7 +354,7 @@ def main(argv: list[str] | None = None) -> None:
         image = torch.rand(1, 3, size // 4, size // 4, generator=generator)
         print(
             f"\noutput {size}x{size} (input {size // 4}x{size // 4}); autoencoder tiles of at most "
-            f"{Restorer.AE_TILE} latent px, the network on the whole latent"
+            f"{Restorer.AE_TILE} latent px"
         )
         fast_runs = run_path(device, precision, True, image, args, rates)
         plain_runs = [] if args.no_plain else run_path(device, precision, False, image, args, rates)

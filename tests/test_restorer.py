@@ -8,7 +8,9 @@ from reference import case, reference_path
 
 from resshift_cli import ResShiftDiffusion, UNet, VQAutoencoder
 from resshift_cli.checkpoints import load_into, read_state_dict
-from resshift_cli.pipelines.restorer import Restorer
+from resshift_cli.pipelines import restorer as restorer_module
+from resshift_cli.pipelines.restorer import Restorer, TiledNetwork
+from resshift_cli.pipelines.tiling import plan_tiles
 
 
 def _tiny_sr(optimize: bool = True) -> Restorer:
@@ -67,6 +69,71 @@ def test_whole_latent_path_counts_bounded_tiles() -> None:
     assert calls["unet"] == restorer.diffusion.num_timesteps  # the network runs once per step, whole latent
     assert calls["encode"] <= 49 and calls["decode"] <= 49
     assert seen[-1][0] == seen[-1][1] == len(seen)
+
+
+class _Pointwise:
+    """A stand-in network whose output at a pixel depends only on that pixel: tiling it blended
+    with weights that sum to one must give exactly its whole-image output."""
+
+    size_multiple = 8
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, ...]] = []
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, *, lq: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        assert t.shape == (x.shape[0],)  # one timestep per tile of the batch
+        self.calls.append(tuple(x.shape))
+        out = x * (t.view(-1, 1, 1, 1) + 1) + 2 * lq
+        return out if mask is None else out - mask
+
+
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_tiled_network_assembles_the_whole_output(with_mask: bool) -> None:
+    gen = torch.Generator().manual_seed(8)
+    x, lq = torch.rand(1, 3, 40, 56, generator=gen), torch.rand(1, 3, 40, 56, generator=gen)
+    mask = torch.rand(1, 1, 40, 56, generator=gen) if with_mask else None
+    t = torch.tensor([3])
+    network, batches = _Pointwise(), []
+    tiled = TiledNetwork(network, tile=16, overlap=4, batch_size=2, on_call=lambda: batches.append(1))
+    out = tiled(x, t, lq=lq, mask=mask)
+    whole = _Pointwise()(x, t, lq=lq, mask=mask)
+    assert torch.allclose(out, whole, atol=1e-6)  # lq and mask cut where x is cut, blends sum to 1
+    n_tiles = len(plan_tiles(40, 56, 16, 4, 8))
+    assert n_tiles > 1 and sum(shape[0] for shape in network.calls) == n_tiles
+    assert len(batches) == len(network.calls) == -(-n_tiles // 2)
+    assert all(shape[-2:] == (16, 16) for shape in network.calls)
+
+
+def test_network_runs_in_tiles_when_the_latent_exceeds_its_budget() -> None:
+    restorer = _tiny_sr()
+    image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    restorer.unet_memory = 32 * 32 * restorer.unet_bytes_per_latent_pixel()
+    calls, seen = _count_calls(restorer), []
+    out = restorer.restore(image, seed=1, tile=16, overlap=16, on_progress=lambda d, t: seen.append((d, t)))
+    assert out.shape == (1, 3, 256, 256) and torch.isfinite(out).all()
+    # A 64x64 latent in tiles of 32 overlapping by 16 latent pixels: 3 x 3 tiles at each step.
+    assert calls["unet"] == 9 * restorer.diffusion.num_timesteps
+    assert seen[-1][0] == seen[-1][1] == len(seen) == calls["encode"] + calls["decode"] + calls["unet"]
+    assert torch.equal(out, restorer.restore(image, seed=1, tile=16, overlap=16))
+
+
+def test_unet_tile_is_the_largest_that_fits_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
+    restorer = _tiny_sr()
+    per_pixel = restorer.unet_bytes_per_latent_pixel()
+    free = 10**12
+    monkeypatch.setattr(restorer_module, "free_memory_bytes", lambda device: free)
+    restorer.unet_memory = 64 * 64 * per_pixel
+    assert restorer.unet_tile(64, 64) is None  # fits: the whole latent
+    restorer.unet_memory = 64 * 64 * per_pixel - 1
+    assert restorer.unet_tile(64, 64) == 56  # the next multiple of 8 down
+    restorer.unet_memory = 1.0
+    assert restorer.unet_tile(64, 64) == 8  # nothing fits: the smallest tile
+    restorer.unet_memory = None  # the default cap, but never more than half the free memory
+    assert restorer.unet_tile(512, 512) is None
+    free = 2 * 40 * 40 * per_pixel
+    assert restorer.unet_tile(512, 512) == 40
 
 
 def test_autoencoder_tiles_overlap_by_a_quarter_of_the_overlap() -> None:

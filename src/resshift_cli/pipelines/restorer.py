@@ -14,13 +14,14 @@ from typing import ClassVar
 
 import torch
 
-from resshift_cli.diffusion import ResShiftDiffusion
+from resshift_cli.diffusion import Denoiser, ResShiftDiffusion
 from resshift_cli.models import set_fast_paths
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
 from resshift_cli.pipelines.tiling import (
     auto_tile_size,
     free_memory_bytes,
+    largest_fitting_tile,
     pad_to_multiple,
     plan_tiles,
     run_tiled,
@@ -34,7 +35,9 @@ class Restorer:
     """A loaded model ready to restore images on ``device`` with optional autocast ``precision``.
 
     ``optimize`` (on by default) turns on channels_last and the models' inference shortcuts;
-    off, it is the plain eager computation that the benchmark compares against.
+    off, it is the plain eager computation that the benchmark compares against. ``unet_memory``
+    caps the network's estimated working memory in bytes (None: :attr:`UNET_MEMORY`); a latent
+    whose estimate exceeds it runs through the network in tiles at every step.
     """
 
     unet: UNet
@@ -43,6 +46,12 @@ class Restorer:
     device: torch.device
     precision: torch.dtype | None = None
     optimize: bool = True
+    unet_memory: float | None = None
+
+    UNET_MEMORY: ClassVar[float] = 4.5 * 2**30
+    """Default cap on the network's estimated working memory. realsr-v3 on a 2048x2048 output (a
+    512x512 latent) is estimated at 4 GiB and runs whole, the fastest way; larger latents are cut
+    into tiles at every step, so peak memory stops growing with the image."""
 
     AE_TILE: ClassVar[int] = 72
     """Autoencoder tile side in latent pixels when the user names none. The global attention in
@@ -125,6 +134,21 @@ class Restorer:
         elem = 4 if self.precision is None else 2
         return 4096.0 * elem
 
+    def unet_tile(self, latent_h: int, latent_w: int) -> int | None:
+        """The network's tile side in latent pixels for this latent, or None to run it whole.
+
+        The budget is ``unet_memory`` (or :attr:`UNET_MEMORY`), and never more than half the
+        device's free memory. Tiles are the largest multiple of the network's size multiple whose
+        estimate fits it (one multiple when nothing fits).
+        """
+        per_pixel = self.unet_bytes_per_latent_pixel()
+        cap = self.UNET_MEMORY if self.unet_memory is None else self.unet_memory
+        budget = min(cap, 0.5 * free_memory_bytes(self.device))
+        if latent_h * latent_w * per_pixel <= budget:
+            return None
+        m = self.unet.size_multiple
+        return largest_fitting_tile(budget, per_pixel, m, m, max(m, latent_h, latent_w))
+
     def restore(
         self,
         image: torch.Tensor,
@@ -141,10 +165,11 @@ class Restorer:
         ``mask`` (1 x 1 x H x W, 1 = hole) conditions inpainting models. An image that fits one
         tile (``tile`` input pixels, automatic when None) is restored in a single pass, exactly as
         ``diffusion.sample`` with ``generator=manual_seed(seed)``. A larger one is encoded and
-        decoded in overlapping tiles while the network runs on its whole latent; when the latent
-        does not fit in memory (or the model's latent is smaller than its input), the whole chain
-        runs per tile, each tile drawing its noise from ``seed + tile index``.
-        ``on_progress(done, total)`` counts tiles and sampler steps.
+        decoded in overlapping tiles while the chain runs once over its whole latent: the network
+        on the whole latent when it fits :meth:`unet_tile`'s budget, else in overlapping tiles at
+        every step, so memory stays bounded at any size. Models without such a latent (pixel
+        space, or a latent smaller than the input) run the whole chain per tile, each tile drawing
+        its noise from ``seed + tile index``. ``on_progress(done, total)`` counts tiles and steps.
         """
         height, width = image.shape[-2:]
         tile_size = self.choose_tile(tile)
@@ -161,10 +186,8 @@ class Restorer:
         if single >= padded_h and single >= padded_w:
             progress.total = self.diffusion.num_timesteps
             return self._whole_chain_tiles(image, mask, seed, None, 0, 1, progress)
-        latent_pixels = padded_h * padded_w * (self.scale / factor) ** 2
-        budget = 0.5 * free_memory_bytes(self.device)
-        if latent_path and latent_pixels * self.unet_bytes_per_latent_pixel() < budget:
-            return self._latent_whole(image, mask, seed, single, overlap, batch_size, progress)
+        if latent_path:
+            return self._latent_chain(image, mask, seed, single, overlap, batch_size, progress)
         overlap = min(overlap, tile_size // 2)
         n_tiles = len(plan_tiles(padded_h, padded_w, tile_size, overlap, m))
         progress.total = math.ceil(n_tiles / batch_size) * self.diffusion.num_timesteps
@@ -206,7 +229,7 @@ class Restorer:
             out_device="cpu",
         )
 
-    def _latent_whole(
+    def _latent_chain(
         self,
         image: torch.Tensor,
         mask: torch.Tensor | None,
@@ -216,10 +239,11 @@ class Restorer:
         batch_size: int,
         progress: _Counter,
     ) -> torch.Tensor:
-        """Encode and decode in tiles, run the chain once on the whole latent.
+        """Encode and decode in tiles, run the chain once over the whole latent.
 
         The network is the costly part to tile (its tiles must be multiples of its windows and
-        overlap generously); the autoencoder only needs a few latent pixels of overlap.
+        overlap generously), so it runs whole when it fits its budget and in tiles of the latent
+        at every step otherwise; the autoencoder only needs a few latent pixels of overlap.
         """
         assert self.autoencoder is not None
         autoencoder = self.autoencoder
@@ -232,6 +256,13 @@ class Restorer:
             mask_pm = pad_to_multiple(mask, self.lq_multiple)[0].to(self.device, torch.float32) * 2 - 1
         latent_scale = self.scale // factor
         latent_tile = max(1, tile * latent_scale)
+        latent_h, latent_w = lq.shape[-2] * latent_scale, lq.shape[-1] * latent_scale
+        unet_tile = self.unet_tile(latent_h, latent_w)
+        unet_overlap = 0 if unet_tile is None else min(overlap * latent_scale, unet_tile // 2)
+        unet_calls = 1
+        if unet_tile is not None:
+            unet_tiles = plan_tiles(latent_h, latent_w, unet_tile, unet_overlap, self.unet.size_multiple)
+            unet_calls = math.ceil(len(unet_tiles) / batch_size)
         # The autoencoder's tiles overlap by a quarter of the chain's overlap (4 latent pixels, 16
         # output pixels, by default) and are blended over it with a raised-cosine ramp; each latent
         # pixel of overlap costs about 3% more autoencoder work at 2048x2048. Overlaps are capped
@@ -239,16 +270,14 @@ class Restorer:
         overlap = min(overlap // 4, tile // 2)
         latent_overlap = min(overlap * latent_scale, latent_tile // 2)
         enc_tiles = len(plan_tiles(*lq.shape[-2:], tile, overlap))
-        dec_tiles = len(
-            plan_tiles(
-                lq.shape[-2] * latent_scale,
-                lq.shape[-1] * latent_scale,
-                latent_tile,
-                latent_overlap,
-            )
-        )
+        dec_tiles = len(plan_tiles(latent_h, latent_w, latent_tile, latent_overlap))
         steps = self.diffusion.num_timesteps
-        progress.total = math.ceil(enc_tiles / batch_size) + steps + math.ceil(dec_tiles / batch_size)
+        progress.total = (
+            math.ceil(enc_tiles / batch_size) + steps * unet_calls + math.ceil(dec_tiles / batch_size)
+        )
+        network: Denoiser = self.unet
+        if unet_tile is not None:
+            network = TiledNetwork(self.unet, unet_tile, unet_overlap, batch_size, progress.step)
 
         def encode(tiles: torch.Tensor, _extras: tuple[torch.Tensor, ...], _idx: list[int]) -> torch.Tensor:
             with torch.inference_mode(), self._autocast():
@@ -275,7 +304,12 @@ class Restorer:
             noise = self._noise([0], seed, tuple(z_y.shape[1:]))
             with self._autocast():
                 latent = self.diffusion.reverse(
-                    z_y, self.unet, lq=lq, mask=mask_pm, noise=noise, on_step=progress.step
+                    z_y,
+                    network,
+                    lq=lq,
+                    mask=mask_pm,
+                    noise=noise,
+                    on_step=progress.step if unet_tile is None else None,
                 ).float()
             out = run_tiled(
                 decode,
@@ -288,6 +322,51 @@ class Restorer:
                 out_device="cpu",
             )
         return _to_unit(out[..., : height * self.scale, : width * self.scale])
+
+
+class TiledNetwork:
+    """A denoiser that runs ``unet`` in overlapping tiles of its input and blends the outputs.
+
+    Only the network's call is tiled: the sampler's arithmetic and noise stay on the whole
+    latent, so the tiles meet again at every step instead of running separate chains, and the
+    network's memory is that of one batch of tiles. The conditioning (``lq``, ``mask``) must have
+    the latent's size; it is cut at the same places. ``on_call`` runs after each batch of tiles.
+    """
+
+    def __init__(
+        self,
+        unet: UNet,
+        tile: int,
+        overlap: int,
+        batch_size: int = 1,
+        on_call: Callable[[], None] | None = None,
+    ) -> None:
+        self.unet, self.tile, self.overlap = unet, tile, overlap
+        self.batch_size, self.on_call = batch_size, on_call
+
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, *, lq: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The network's output for the whole ``x`` (1 x C x H x W), assembled from tiles."""
+        extras = (lq,) if mask is None else (lq, mask)
+
+        def run(tiles: torch.Tensor, cut: tuple[torch.Tensor, ...], _indices: list[int]) -> torch.Tensor:
+            kwargs = {"lq": cut[0]} if mask is None else {"lq": cut[0], "mask": cut[1]}
+            out = self.unet(tiles, t[:1].expand(len(tiles)), **kwargs)
+            if self.on_call is not None:
+                self.on_call()
+            return out
+
+        return run_tiled(
+            run,
+            x,
+            scale=1,
+            tile=self.tile,
+            overlap=self.overlap,
+            multiple=self.unet.size_multiple,
+            batch_size=self.batch_size,
+            extras=extras,
+        )
 
 
 class _Counter:
