@@ -78,7 +78,8 @@ def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Cal
             click.option(
                 "--tile",
                 type=click.IntRange(min=1),
-                help="Tile size in input pixels; default: chosen from free memory.",
+                help="Tile size in input pixels (for latent models the autoencoder's; their network "
+                "is tiled by memory); default: chosen from free memory.",
             ),
             click.option(
                 "--tile-overlap",
