@@ -119,21 +119,24 @@ def test_network_runs_in_tiles_when_the_latent_exceeds_its_budget() -> None:
     assert torch.equal(out, restorer.restore(image, seed=1, tile=16, overlap=16))
 
 
-def test_unet_tile_is_the_largest_that_fits_the_budget(monkeypatch: pytest.MonkeyPatch) -> None:
-    restorer = _tiny_sr()
+def test_unet_tile_fits_the_budget_with_the_least_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    restorer = _tiny_sr()  # network tiles are multiples of 8
     per_pixel = restorer.unet_bytes_per_latent_pixel()
     free = 10**12
     monkeypatch.setattr(restorer_module, "free_memory_bytes", lambda device: free)
     restorer.unet_memory = 64 * 64 * per_pixel
-    assert restorer.unet_tile(64, 64) is None  # fits: the whole latent
+    assert restorer.unet_tile(64, 64, 2) is None  # fits: the whole latent
+    # Sides up to 56 fit, but 56 (and 48, 40) plan 2 x 2 tiles of 40, 6400 pixels, where 32 and 24
+    # plan 3 x 3 of 24, 5184 pixels: the least work, and of equals the largest side.
     restorer.unet_memory = 64 * 64 * per_pixel - 1
-    assert restorer.unet_tile(64, 64) == 56  # the next multiple of 8 down
+    assert restorer.unet_tile(64, 64, 2) == 32
     restorer.unet_memory = 1.0
-    assert restorer.unet_tile(64, 64) == 8  # nothing fits: the smallest tile
+    assert restorer.unet_tile(64, 64, 2) == 8  # nothing fits: the smallest tile
     restorer.unet_memory = None  # the default cap, but never more than half the free memory
-    assert restorer.unet_tile(512, 512) is None
-    free = 2 * 40 * 40 * per_pixel
-    assert restorer.unet_tile(512, 512) == 40
+    assert restorer.unet_tile(256, 256, 16) is None
+    assert restorer.unet_tile(512, 512, 16) is not None
+    free = 2 * 24 * 24 * per_pixel
+    assert restorer.unet_tile(512, 512, 16) == 24
 
 
 def test_autoencoder_tiles_overlap_by_a_quarter_of_the_overlap() -> None:
