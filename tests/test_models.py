@@ -121,6 +121,48 @@ def test_size_multiple_and_clear_error_for_other_sizes() -> None:
         unet(torch.randn(1, 3, 12, 16), torch.tensor([0]), lq=torch.randn(1, 3, 12, 16))
 
 
+def _pixel_unet_params(**changes: object) -> dict[str, object]:
+    params: dict[str, object] = dict(
+        image_size=32, in_channels=3, out_channels=3, model_channels=32, channel_mult=[1, 2],
+        num_res_blocks=1, attention_resolutions=[4], num_head_channels=16, use_scale_shift_norm=True,
+        swin_embed_dim=32, window_size=4, mlp_ratio=2, cond_lq=True, lq_size=32, pixel_unshuffle=4,
+    )  # fmt: skip
+    return {**params, **changes}
+
+
+def test_pixel_unshuffle_runs_the_network_on_folded_blocks() -> None:
+    """r = 4 is the same network as r = 1 fed the 4x4-folded x and LQ and unfolded afterwards."""
+    torch.manual_seed(0)
+    folded = UNet(**_pixel_unet_params()).eval()
+    plain = UNet(
+        **_pixel_unet_params(
+            image_size=8, in_channels=6 * 16, out_channels=3 * 16, cond_lq=False, pixel_unshuffle=1
+        )
+    ).eval()
+    plain.load_state_dict(folded.state_dict())
+    x, lq = torch.randn(2, 3, 32, 64), torch.randn(2, 3, 32, 64)
+    t = torch.tensor([0, 3])
+    with torch.no_grad():
+        ours = folded(x, t, lq=lq)
+        expected = torch.nn.functional.pixel_shuffle(
+            plain(torch.nn.functional.pixel_unshuffle(torch.cat([x, lq], 1), 4), t), 4
+        )
+    assert ours.shape == x.shape
+    torch.testing.assert_close(ours, expected)
+
+
+def test_pixel_unshuffle_sets_the_size_multiple_and_is_checked() -> None:
+    folded = UNet(**_pixel_unet_params())
+    assert folded.size_multiple == 32  # window 4 on the second level of 4x4 blocks: 4 * 2 * 4
+    assert UNet(**_pixel_unet_params(window_size=2)).size_multiple == 16
+    with pytest.raises(ValueError, match="not divisible by the attention window"):
+        folded(torch.randn(1, 3, 16, 32), torch.tensor([0]), lq=torch.randn(1, 3, 16, 32))
+    with pytest.raises(ValueError, match="positive divisor of image_size"):
+        UNet(**_pixel_unet_params(pixel_unshuffle=3))
+    with pytest.raises(ValueError, match="lq_size = image_size"):
+        UNet(**_pixel_unet_params(lq_size=64))
+
+
 def test_conditioning_is_checked() -> None:
     unet = _sr_unet()
     x = torch.randn(1, 3, 16, 16)

@@ -103,6 +103,11 @@ class UNet(nn.Module):
     ``forward(x, timesteps, lq=None, mask=None)``: ``x`` is the (normalised) latent, ``lq`` the
     low-quality image; when ``lq_size > image_size`` a strided feature extractor brings ``lq``
     (with the mask for inpainting) down to the latent's size before concatenation.
+
+    ``pixel_unshuffle`` = r > 1 (ours; upstream's models have 1) folds every r x r block of the input
+    into channels before the first layer and unfolds the output after the last, so a pixel-space
+    model works at 1/r of the image's side, as a latent model does at its autoencoder's factor,
+    with no autoencoder to train. ``attention_resolutions`` then count the folded maps' sides.
     """
 
     def __init__(
@@ -130,6 +135,7 @@ class UNet(nn.Module):
         cond_lq: bool = True,
         cond_mask: bool = False,
         lq_size: int = 256,
+        pixel_unshuffle: int = 1,
     ) -> None:
         super().__init__()
         if dims != 2:
@@ -150,6 +156,12 @@ class UNet(nn.Module):
         self.cond_mask = cond_mask
         self.lq_size = lq_size
         self.use_fp16 = use_fp16
+        self.pixel_unshuffle = pixel_unshuffle
+        if pixel_unshuffle < 1 or image_size % pixel_unshuffle:
+            raise ValueError(f"pixel_unshuffle {pixel_unshuffle} must be a positive divisor of image_size")
+        if pixel_unshuffle > 1 and cond_lq and lq_size != image_size:
+            raise ValueError("pixel_unshuffle needs lq_size = image_size (the LQ is folded with x)")
+        map_size = image_size // pixel_unshuffle
         heads = num_heads if num_head_channels == -1 else swin_embed_dim // num_head_channels
 
         def swin(ch: int, ds: int) -> BasicLayer:
@@ -159,13 +171,13 @@ class UNet(nn.Module):
                 num_heads=heads,
                 window_size=window_size,
                 depth=swin_depth,
-                img_size=image_size // ds,
+                img_size=map_size // ds,
                 mlp_ratio=mlp_ratio,
                 patch_norm=patch_norm,
             )
 
         def attends(ds: int) -> bool:
-            return image_size // ds in attention_resolutions
+            return map_size // ds in attention_resolutions
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -195,7 +207,11 @@ class UNet(nn.Module):
 
         ch = input_ch = int(channel_mult[0] * model_channels)
         self.input_blocks = nn.ModuleList(
-            [TimestepEmbedSequential(nn.Conv2d(in_channels + cond_channels, ch, 3, padding=1))]
+            [
+                TimestepEmbedSequential(
+                    nn.Conv2d((in_channels + cond_channels) * pixel_unshuffle**2, ch, 3, padding=1)
+                )
+            ]
         )
         input_block_chans = [ch]
         ds = 1
@@ -245,19 +261,18 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*blocks))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels, 3, padding=1)
+            normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels * pixel_unshuffle**2, 3, padding=1)
         )
 
     @property
     def size_multiple(self) -> int:
         """Latent sizes must be multiples of this: every level's map divisible by its window."""
         multiple = 1
-        ds = 1
         for module in self.modules():
             if isinstance(module, BasicLayer):
                 ds = self.image_size // module.blocks[0].resolution
                 multiple = math.lcm(multiple, module.window * ds)
-        return math.lcm(multiple, 2 ** (len(self.channel_mult) - 1))
+        return math.lcm(multiple, self.pixel_unshuffle * 2 ** (len(self.channel_mult) - 1))
 
     def forward(
         self,
@@ -280,6 +295,8 @@ class UNet(nn.Module):
             x = torch.cat([x, self.feature_extractor(lq.type(x.dtype))], dim=1)
         elif self.cond_lq:
             raise ValueError("this UNet needs the LQ image (lq=...)")
+        if self.pixel_unshuffle > 1:
+            x = nn.functional.pixel_unshuffle(x, self.pixel_unshuffle)
         hs = []
         h = x
         for module in self.input_blocks:
@@ -288,4 +305,5 @@ class UNet(nn.Module):
         h = self.middle_block(h, emb)
         for module in self.output_blocks:
             h = module(torch.cat([h, hs.pop()], dim=1), emb)
-        return self.out(h)
+        h = self.out(h)
+        return nn.functional.pixel_shuffle(h, self.pixel_unshuffle) if self.pixel_unshuffle > 1 else h
