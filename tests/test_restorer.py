@@ -34,6 +34,23 @@ def test_single_pass_is_the_sampler() -> None:
     assert torch.equal(out, (ref.clamp(-1, 1) + 1) / 2)
 
 
+def test_memory_estimate_of_a_pixel_model_counts_its_folded_maps() -> None:
+    params = dict(
+        image_size=32, in_channels=3, out_channels=3, model_channels=256, channel_mult=[1, 1],
+        num_res_blocks=1, attention_resolutions=[], num_head_channels=32, swin_embed_dim=32,
+        window_size=4, cond_lq=True, lq_size=32,
+    )  # fmt: skip
+    diffusion = ResShiftDiffusion(**case("sr-tiny")["diffusion_params"])
+    plain = Restorer(UNet(**params), None, diffusion, torch.device("cpu"))
+    folded = Restorer(UNet(**params, pixel_unshuffle=4), None, diffusion, torch.device("cpu"))
+    assert folded.bytes_per_lq_pixel() * 16 == plain.bytes_per_lq_pixel()
+    # A narrow folded network is bounded below by the image-size tensors.
+    narrow = Restorer(
+        UNet(**{**params, "model_channels": 32}, pixel_unshuffle=4), None, diffusion, torch.device("cpu")
+    )
+    assert narrow.bytes_per_lq_pixel() == folded.bytes_per_lq_pixel()
+
+
 def test_optimised_and_plain_agree() -> None:
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     fast, plain = _tiny_sr(True).restore(image, seed=3), _tiny_sr(False).restore(image, seed=3)

@@ -99,7 +99,10 @@ class Restorer:
             cfg = self.autoencoder.ddconfig
             full_res_channels = cfg["ch"] * cfg["ch_mult"][0]
         else:
-            full_res_channels = self.unet.model_channels * self.unet.channel_mult[0]
+            # A folded network's widest maps hold 1/r^2 of the pixels; x_t, y0, the noise and the
+            # output stay at the image's size (at least 16 channels' worth).
+            folded = self.unet.model_channels * self.unet.channel_mult[0] / self.unet.pixel_unshuffle**2
+            full_res_channels = max(folded, 16.0)
         return self.scale**2 * full_res_channels * elem * 6.0
 
     def choose_tile(self, tile: int | None) -> int:
