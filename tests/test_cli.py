@@ -35,7 +35,7 @@ from tinymodels import write_registry
 from resshift_cli import ResShiftDiffusion, UNet, VQAutoencoder
 from resshift_cli.checkpoints import load_into, read_state_dict
 from resshift_cli.cli import main
-from resshift_cli.imageio import load_image
+from resshift_cli.imageio import LoadedImage, load_image
 from resshift_cli.pipelines import loading, tasks
 
 RESSHIFT = Path(sys.executable).parent / "resshift"
@@ -320,6 +320,37 @@ def test_sr_output_equals_in_process_sample(tmp_path: Path, registry: Path, seed
     out = read(tmp_path / "out.png")
     assert out.shape == (96, 128, 3)
     assert_rounds_to(out, sample("sr-tiny", pixels, 12345 if seed is None else seed))
+
+
+def test_sr_tta_is_the_mean_of_the_eight_views_turned_back(tmp_path: Path, registry: Path) -> None:
+    """--tta: each flip/rotation of the input is sampled (same seed) and turned back, then averaged."""
+    pixels = noise(24, 32, seed=5)
+    src = write(tmp_path / "in.png", pixels)
+    result = restore("sr", registry, src, "-o", tmp_path / "out.png", "--tta")
+    assert result.exit_code == 0, result.stderr
+    views = []
+    for mirrored in (False, True):
+        for turns in range(4):
+            view = np.rot90(pixels, turns)[:, ::-1] if mirrored else np.rot90(pixels, turns)
+            out = sample("sr-tiny", np.ascontiguousarray(view))
+            views.append(np.rot90(out[:, ::-1] if mirrored else out, -turns))
+    expected = np.mean(views, axis=0)
+    assert np.abs(expected - views[0]).max() > 1  # the views differ: the test can tell them apart
+    assert_rounds_to(read(tmp_path / "out.png"), expected)
+
+
+def test_tta_progress_counts_every_view() -> None:
+    class Upscaler:
+        def restore(self, image: torch.Tensor, *, on_progress: Any = None, **_: Any) -> torch.Tensor:
+            for done in (1, 2):
+                on_progress(done, 2)
+            return image.repeat_interleave(2, -1).repeat_interleave(2, -2)
+
+    seen: list[tuple[int, int]] = []
+    image = LoadedImage(noise(4, 6).astype(np.float32) / 255, None, False, 8, None, "PNG")
+    out = tasks.super_resolve(Upscaler(), image, tasks.RunOptions(tta=True), lambda d, t: seen.append((d, t)))
+    assert seen == [(done, 16) for done in range(1, 17)]
+    np.testing.assert_allclose(out.rgb, image.rgb.repeat(2, 0).repeat(2, 1), atol=1e-6)
 
 
 def test_entry_point_json_and_partial_failure(tmp_path: Path, registry: Path) -> None:

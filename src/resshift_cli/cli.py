@@ -189,6 +189,7 @@ def _restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[s
         tile=kw["tile"],
         overlap=kw["tile_overlap"],
         batch_size=kw["batch_size"],
+        tta=kw.get("tta", False),
         device=kw["device"],
         precision="fp32" if kw["force_fp32"] else kw["precision"],
         overwrite=kw["overwrite"],
@@ -202,6 +203,11 @@ def _restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[s
 @main.command(context_settings=CONTEXT, epilog=EXIT_CODES)
 @click.argument("inputs", nargs=-1, required=True, type=_PathArg)
 @_restore_options(default_overlap=16)
+@click.option(
+    "--tta",
+    is_flag=True,
+    help="Average the restorations of the 8 flips and rotations (8x the time; higher PSNR).",
+)
 def sr(inputs: tuple[Path, ...], **kw: Any) -> None:
     """Super-resolve images x4 (default model realsr-v3, 4 steps).
 

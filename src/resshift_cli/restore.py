@@ -37,6 +37,7 @@ class RestoreSettings:
     tile: int | None = None
     overlap: int = 16
     batch_size: int = 1
+    tta: bool = False
     device: str = "auto"
     precision: str = "auto"
     overwrite: bool = False
@@ -151,7 +152,11 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
         raise ModelUnavailable(f"cannot load {settings.model or settings.task} model: {exc}") from None
 
     options = tasks.RunOptions(
-        seed=settings.seed, tile=settings.tile, overlap=settings.overlap, batch_size=settings.batch_size
+        seed=settings.seed,
+        tile=settings.tile,
+        overlap=settings.overlap,
+        batch_size=settings.batch_size,
+        tta=settings.tta,
     )
     face_size = int(spec.unet.get("lq_size", 512))
 
