@@ -3,7 +3,8 @@
 realsr-v3 is the full-size architecture with random weights (it costs what the published weights
 cost; nothing is downloaded), ``lite`` is the bundled model. Both run through the same
 :class:`Restorer` as ``resshift sr`` (optimised path, fp32 on the CPU), interleaved run by run on
-the same random inputs, so a busy moment hits both; medians are reported.
+the same random inputs, so a busy moment hits both; medians are reported. ``lite --tta`` is the
+same model over the 8 flips and rotations, as ``resshift sr --tta`` runs it.
 
     python benchmarks/lite_speed.py                      # outputs 256x256 and 1024x1024, 3 runs
     python benchmarks/lite_speed.py --sizes 256 --runs 5
@@ -18,8 +19,10 @@ import time
 import torch
 from bench import build
 
+from resshift_cli.imageio import LoadedImage
 from resshift_cli.pipelines.loading import load_restorer
 from resshift_cli.pipelines.restorer import Restorer
+from resshift_cli.pipelines.tasks import RunOptions, super_resolve
 from resshift_cli.registry import BUNDLED_SR_MODEL, load_registry
 from resshift_cli.runtime import resolve_device
 
@@ -27,6 +30,15 @@ from resshift_cli.runtime import resolve_device
 def seconds(restorer: Restorer, image: torch.Tensor) -> float:
     started = time.perf_counter()
     restorer.restore(image, seed=12345)
+    return time.perf_counter() - started
+
+
+def seconds_tta(restorer: Restorer, image: torch.Tensor) -> float:
+    """As ``resshift sr --tta``: the 8 flips and rotations, restored and averaged."""
+    rgb = image[0].permute(1, 2, 0).numpy()
+    loaded = LoadedImage(rgb, None, False, 8, None, "PNG")
+    started = time.perf_counter()
+    super_resolve(restorer, loaded, RunOptions(seed=12345, tta=True))
     return time.perf_counter() - started
 
 
@@ -43,20 +55,24 @@ def main(argv: list[str] | None = None) -> None:
         registry.model(BUNDLED_SR_MODEL), registry, device=device, precision=None, quiet=True
     )
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; medians of {args.runs} runs")
-    print(f"{'output':>10} {'realsr-v3 s':>12} {'s/MP':>7} {'lite s':>8} {'s/MP':>7} {'lite faster':>12}")
+    print(
+        f"{'output':>10} {'realsr-v3 s':>12} {'s/MP':>7} {'lite s':>8} {'s/MP':>7} {'lite faster':>12}"
+        f" {'lite --tta s':>13} {'faster':>7}"
+    )
     for size in (int(s) for s in args.sizes.split(",")):
         image = torch.rand(1, 3, size // 4, size // 4, generator=torch.Generator().manual_seed(size))
-        times: dict[str, list[float]] = {"realsr": [], "lite": []}
+        times: dict[str, list[float]] = {"realsr": [], "lite": [], "tta": []}
         seconds(realsr, image)  # warm-up: allocator, oneDNN primitives
         seconds(lite, image)
         for _ in range(args.runs):
             times["realsr"].append(seconds(realsr, image))
             times["lite"].append(seconds(lite, image))
-        big, small = statistics.median(times["realsr"]), statistics.median(times["lite"])
+            times["tta"].append(seconds_tta(lite, image))
+        big, small, tta = (statistics.median(times[k]) for k in ("realsr", "lite", "tta"))
         mp = size * size / 1e6
         print(
             f"{size:>4}x{size:<5} {big:12.2f} {big / mp:7.1f} {small:8.2f} {small / mp:7.1f} "
-            f"{big / small:11.1f}x"
+            f"{big / small:11.1f}x {tta:13.2f} {big / tta:6.1f}x"
         )
 
 

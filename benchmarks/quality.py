@@ -13,6 +13,7 @@ bicubic is the model's own y0 (torch bicubic, as upstream), rounded to 8 bits to
     python benchmarks/quality.py                          # lite on all four sets
     python benchmarks/quality.py --sets imagenet-val --model lite
     python benchmarks/quality.py --registry runs/lite/registry.toml   # a model you trained
+    python benchmarks/quality.py --tta                    # as resshift sr --tta
 """
 
 from __future__ import annotations
@@ -73,13 +74,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sets", default=",".join(SETS), help=f"comma-separated, from {', '.join(SETS)}")
     parser.add_argument("--shared", type=Path, default=Path(__file__).resolve().parents[2] / "shared")
     parser.add_argument("--seed", type=int, default=12345)
+    parser.add_argument("--tta", action="store_true", help="as resshift sr --tta: 8 flips/rotations")
     args = parser.parse_args(argv)
 
     registry = load_registry(args.registry)
     spec = registry.model(args.model)
     restorer = load_restorer(spec, registry, device=resolve_device("auto"), precision=None, quiet=True)
-    options = RunOptions(seed=args.seed)
-    print(f"model {spec.name}: x{spec.scale}, {spec.steps} steps, seed {args.seed}; border {BORDER} px")
+    options = RunOptions(seed=args.seed, tta=args.tta)
+    tta = ", --tta" if args.tta else ""
+    print(f"model {spec.name}: x{spec.scale}, {spec.steps} steps, seed {args.seed}{tta}; border {BORDER} px")
     print(f"{'set':13} {'n':>4} {'method':8} {'PSNR-Y':>7} {'SSIM-Y':>7} {'PSNR':>7} {'SSIM':>7} {'s/MP':>6}")
     with tempfile.TemporaryDirectory() as scratch:
         for name in args.sets.split(","):
