@@ -98,14 +98,16 @@ def subprocess_env(tmp_path: Path, **extra: str) -> dict[str, str]:
     return env
 
 
-def run_entry_point(tmp_path: Path, *args: object, **extra: str) -> subprocess.CompletedProcess[str]:
-    """Run the installed ``resshift`` entry point."""
+def run_entry_point(
+    tmp_path: Path, *args: object, timeout: float = 120, **extra: str
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``resshift`` entry point (``extra``: environment variables)."""
     return subprocess.run(
         [str(RESSHIFT), *map(str, args)],
         capture_output=True,
         text=True,
         env=subprocess_env(tmp_path, **extra),
-        timeout=120,
+        timeout=timeout,
         check=False,
     )
 

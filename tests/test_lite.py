@@ -1,5 +1,5 @@
 """The bundled ``lite`` model: inside the package, registered with its hash, and restoring held-out
-photos offline (empty cache, no network) better than bicubic upsampling does."""
+photos and the imagenet test set offline (empty cache, no network) better than bicubic upsampling."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from resshift_cli.diffusion import ResShiftDiffusion
 from resshift_cli.imageio import load_image, save_image
 from resshift_cli.metrics import psnr, ssim
 from resshift_cli.registry import BUNDLED_SR_MODEL, load_registry, package_dir
+from resshift_cli.training.config import load_train_config
 from resshift_cli.training.degradations import realesrgan_degrade
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -73,33 +74,63 @@ def _y_scores(outputs: list[np.ndarray], truths: list[np.ndarray]) -> tuple[floa
     )
 
 
-def test_lite_restores_offline_and_beats_bicubic(tmp_path: Path, lite) -> None:
-    """All 24 held-out Kodak photos (never trained on), centre crops degraded as the model was
-    trained (Real-ESRGAN's second-order degradation, fixed seeds): mean PSNR-Y and SSIM-Y above
-    bicubic's (measured 22.80 vs 22.51 dB, 0.514 vs 0.497). The issue's goal of +0.5 dB on
-    imagenet-val is not reached by this model; README gives its numbers."""
+def _bicubic(lite, lq: np.ndarray) -> np.ndarray:
+    """The model's own y0 (torch bicubic, as upstream), rounded to 8 bits as a saved file is."""
+    upsample = ResShiftDiffusion(**lite.diffusion).upsample
+    up = upsample(torch.from_numpy(lq).permute(2, 0, 1)[None])[0].permute(1, 2, 0).clamp(0, 1).numpy()
+    return np.round(up * 255) / 255
+
+
+def _restore_offline(tmp_path: Path, inputs: Path, *options: str) -> Path:
+    """``resshift sr INPUTS --model lite`` with a fresh HF home and HF_HUB_OFFLINE=1: nothing can
+    come from a cache or the network."""
+    out = tmp_path / "out"
+    done = run_entry_point(
+        tmp_path, "sr", inputs, "-o", out, "--model", "lite", *options, timeout=600, OMP_NUM_THREADS="2"
+    )
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_lite_restores_held_out_photos_offline_and_beats_bicubic(tmp_path: Path, lite) -> None:
+    """All 24 held-out Kodak photos (never trained on), centre crops degraded as the recipe's
+    training degrades (its Real-ESRGAN settings, fixed seeds): mean PSNR-Y and SSIM-Y above bicubic's."""
+    degradation = load_train_config(PROJECT / "configs" / "lite.toml").data.realesrgan
     inputs = tmp_path / "lq"
     inputs.mkdir()
     truths, bicubic = [], []
-    upsample = ResShiftDiffusion(**lite.diffusion).upsample
     for index, path in enumerate(KODAK):
         rgb = load_image(path).rgb
         top, left = (rgb.shape[0] - CROP) // 2, (rgb.shape[1] - CROP) // 2
-        hq = torch.from_numpy(np.ascontiguousarray(rgb[top : top + CROP, left : left + CROP])).permute(
-            2, 0, 1
-        )
-        lq = realesrgan_degrade(hq, 4, None, torch.Generator().manual_seed(index))
-        save_image(inputs / f"{path.stem}.png", lq.permute(1, 2, 0).numpy())
-        truths.append(hq.permute(1, 2, 0).numpy())
-        up = upsample(lq[None])[0].permute(1, 2, 0).clamp(0, 1).numpy()
-        bicubic.append(np.round(up * 255) / 255)
-    # A fresh HF home and HF_HUB_OFFLINE=1: nothing can come from a cache or the network.
-    done = run_entry_point(
-        tmp_path, "sr", inputs, "-o", tmp_path / "out", "--model", "lite", OMP_NUM_THREADS="2"
-    )
-    assert done.returncode == 0, done.stderr
-    restored = [load_image(tmp_path / "out" / f"{p.stem}.png").rgb for p in KODAK]
+        hq = torch.from_numpy(np.ascontiguousarray(rgb[top : top + CROP, left : left + CROP]))
+        lq = realesrgan_degrade(hq.permute(2, 0, 1), 4, degradation, torch.Generator().manual_seed(index))
+        lq_rgb = lq.permute(1, 2, 0).numpy()
+        save_image(inputs / f"{path.stem}.png", lq_rgb)
+        truths.append(hq.numpy())
+        bicubic.append(_bicubic(lite, lq_rgb))
+    out = _restore_offline(tmp_path, inputs)
+    restored = [load_image(out / f"{p.stem}.png").rgb for p in KODAK]
     lite_psnr, lite_ssim = _y_scores(restored, truths)
     bicubic_psnr, bicubic_ssim = _y_scores(bicubic, truths)
     assert lite_psnr > bicubic_psnr, (lite_psnr, bicubic_psnr)
     assert lite_ssim > bicubic_ssim, (lite_ssim, bicubic_ssim)
+
+
+@pytest.mark.parametrize("tta", [False, True])
+def test_lite_beats_bicubic_on_the_imagenet_test_set(tmp_path: Path, lite, tta: bool) -> None:
+    """testdata's 32 imagenet-val LQ images (Real-ESRGAN-degraded, x4) against their ground truth:
+    mean PSNR-Y above bicubic's (README: 24.32 vs 24.11 dB); with --tta, SSIM-Y too (0.633 vs
+    0.625; without it 0.623, just below). The issue's +0.5 dB is not reached."""
+    lq_dir = PROJECT.parent / "shared" / "testdata" / "sr" / "imagenet-val" / "lq"
+    gt_dir = lq_dir.parent / "gt"
+    out = _restore_offline(tmp_path, lq_dir, *(["--tta"] if tta else []))
+    names = sorted(p.name for p in lq_dir.iterdir())
+    assert len(names) == 32
+    truths = [load_image(gt_dir / name).rgb for name in names]
+    restored = [load_image(out / name).rgb for name in names]
+    bicubic = [_bicubic(lite, load_image(lq_dir / name).rgb) for name in names]
+    lite_psnr, lite_ssim = _y_scores(restored, truths)
+    bicubic_psnr, bicubic_ssim = _y_scores(bicubic, truths)
+    assert lite_psnr > bicubic_psnr, (lite_psnr, bicubic_psnr)
+    if tta:
+        assert lite_ssim > bicubic_ssim, (lite_ssim, bicubic_ssim)

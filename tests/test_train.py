@@ -224,7 +224,7 @@ def test_lite_config_builds_a_pixel_model_under_20_mb(tmp_path: Path) -> None:
     save_safetensors(unet.state_dict(), weights)
     assert weights.stat().st_size < 20 * 1024 * 1024
     # It runs at the crop size, conditioned on the upsampled LQ.
-    x = torch.zeros(1, 3, 64, 64)
+    x = torch.zeros(1, 3, config.data.crop, config.data.crop)
     assert unet(x, torch.tensor([1]), lq=x).shape == x.shape
 
 
