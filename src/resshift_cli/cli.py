@@ -206,7 +206,7 @@ def _restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[s
 @click.option(
     "--tta",
     is_flag=True,
-    help="Average the restorations of the 8 flips and rotations (8x the time; higher PSNR).",
+    help="Average the restorations of the 8 flips and rotations (8x the time).",
 )
 def sr(inputs: tuple[Path, ...], **kw: Any) -> None:
     """Super-resolve images x4 (default model realsr-v3, 4 steps).
