@@ -1032,6 +1032,13 @@ def test_weights_verify(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registr
     assert refused.exit_code == 1 and refused.stdout.startswith("FAIL") and digest in refused.stdout
     assert unet_file.is_file()  # a file the registry names by path is reported, never deleted
 
+    # Nothing on disk at all (the bundled file moved away): said so, and not an error.
+    monkeypatch.delenv("RESSHIFT_REGISTRY")
+    gone = tmp_path / "gone.toml"
+    gone.write_text(f'[models.lite]\npath = "{(tmp_path / "missing.safetensors").as_posix()}"\n')
+    empty = invoke("weights", "verify", "--registry", gone)
+    assert empty.exit_code == 0 and empty.stdout == "no weights on disk to verify\n"
+
 
 def test_weights_convert(tmp_path: Path) -> None:
     tensors = {"a.weight": torch.arange(6.0).reshape(2, 3), "b": torch.ones(4, dtype=torch.float16)}
