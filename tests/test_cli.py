@@ -378,6 +378,7 @@ def test_entry_point_json_and_partial_failure(tmp_path: Path, registry: Path) ->
     assert "cannot read" in second["error"]
     summary = proc.stderr[proc.stderr.index("1 failed:") :]
     assert f"{bad}: cannot read" in summary
+    assert summary.count(str(bad)) == 1 and str(bad) not in second["error"]  # named once, not twice
     assert "Traceback" not in proc.stderr
 
 

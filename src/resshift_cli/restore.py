@@ -191,7 +191,7 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
             record.status = "done"
             record.output_size = (result.rgb.shape[1], result.rgb.shape[0])
         except (ImageError, tasks.MaskError, ValueError) as exc:
-            record.error = str(exc)
+            record.error = _unnamed(str(exc), job.source)
         except OSError as exc:
             record.error = f"cannot write {job.output}: {exc.strerror or exc}"
         except torch.OutOfMemoryError:
@@ -203,6 +203,13 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
         return record
 
     return process
+
+
+def _unnamed(message: str, source: Path) -> str:
+    """``message`` without its leading "cannot read SOURCE": the record and the error line already
+    name the input, so "in.png: cannot read in.png: ..." becomes "in.png: cannot read: ...". Errors
+    about another file (a mask, the output) keep their path."""
+    return message.replace(f"cannot read {source}: ", "cannot read: ", 1)
 
 
 def _make_directory(output: Path) -> None:
