@@ -19,11 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from resshift_cli.imageio import load_image
 from resshift_cli.training.config import load_train_config
-from resshift_cli.training.degradations import DegradationConfig, bicubic_degrade, realesrgan_degrade
+from resshift_cli.training.degradations import (
+    DegradationConfig,
+    bicubic_degrade,
+    bivariate_kernel,
+    filter_image,
+    realesrgan_degrade,
+)
 
 SIGMAS = (0.0, 0.3, 0.5, 0.7, 0.9, 1.1, 1.4, 1.8, 2.4)
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
@@ -31,15 +36,11 @@ BORDER = 4
 
 
 def gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian blur of a (3, H, W) image, reflect-padded; sigma 0 returns it unchanged."""
+    """Gaussian blur of a (3, H, W) image (3 sigma each side), reflected borders; sigma 0: unchanged."""
     if sigma == 0:
         return image
     radius = int(3 * sigma + 1)
-    kernel = torch.exp(-torch.arange(-radius, radius + 1, dtype=torch.float32) ** 2 / (2 * sigma**2))
-    kernel = (kernel / kernel.sum()).repeat(3, 1, 1, 1)
-    out = F.pad(image[None], (radius,) * 4, mode="reflect")
-    out = F.conv2d(out, kernel.view(3, 1, 1, -1), groups=3)
-    return F.conv2d(out, kernel.view(3, 1, -1, 1), groups=3)[0]
+    return filter_image(image, bivariate_kernel(2 * radius + 1, sigma, sigma))
 
 
 def fit(lq: torch.Tensor, clean: torch.Tensor) -> tuple[float, float]:

@@ -36,6 +36,7 @@ __all__ = [
     "add_poisson_noise",
     "bicubic_degrade",
     "bivariate_kernel",
+    "filter_image",
     "jpeg_compress",
     "random_crop_flip",
     "random_kernel",
@@ -325,7 +326,7 @@ def random_kernel(config: DegradationConfig, generator: torch.Generator, *, stag
     return bivariate_kernel(size, sigma_x, sigma_y, theta)
 
 
-def _filter(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+def filter_image(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     """Filter a (C, H, W) image with a 2-D kernel, same size out, reflected borders.
 
     Replicated borders stand in where the image is too small to reflect (pad >= side). The kernels
@@ -513,7 +514,7 @@ def _degrade_one(
     first, second = _stage(config, 1), _stage(config, 2)
     height, width = hq.shape[-2:]
 
-    out = _filter(hq, random_kernel(config, generator, stage=1))
+    out = filter_image(hq, random_kernel(config, generator, stage=1))
     out = _resize(out, _random_size(generator, first, height, width), _choice(generator, config.resize_modes))
     out = _random_noise(out, generator, first)
     out = jpeg_compress(out, _randint(generator, *first.jpeg_range))
@@ -521,7 +522,7 @@ def _degrade_one(
     # No draw when the second round always happens, so the Real-ESRGAN default keeps its sequence.
     if config.second_order_prob >= 1.0 or _rand(generator) < config.second_order_prob:
         if _rand(generator) < config.second_blur_prob:
-            out = _filter(out, random_kernel(config, generator, stage=2))
+            out = filter_image(out, random_kernel(config, generator, stage=2))
         size = _random_size(generator, second, height / scale, width / scale)
         out = _resize(out, size, _choice(generator, config.resize_modes))
         out = _random_noise(out, generator, second)
@@ -535,13 +536,13 @@ def _degrade_one(
     if _rand(generator) < 0.5:
         out = _resize(out, lq_size, mode)
         if sinc is not None:
-            out = _filter(out, sinc)
+            out = filter_image(out, sinc)
         out = jpeg_compress(out, quality)
     else:
         out = jpeg_compress(out, quality)
         out = _resize(out, lq_size, mode)
         if sinc is not None:
-            out = _filter(out, sinc)
+            out = filter_image(out, sinc)
     return _quantise(out)
 
 
