@@ -397,6 +397,39 @@ def test_resume_refuses_a_changed_run_and_fresh_runs_refuse_old_checkpoints(tmp_
         run_training(load_train_config(path, [f"output_dir={tmp_path / 'new'}"]), resume=True, quiet=True)
 
 
+def test_final_weights_can_be_stored_in_float16(tmp_path: Path) -> None:
+    from resshift_cli.pipelines.loading import load_restorer
+
+    def restore(registry_file: Path) -> torch.Tensor:
+        registry = load_registry(registry_file)
+        restorer = load_restorer(registry.model("tiny"), registry, device=torch.device("cpu"), precision=None)
+        assert next(restorer.unet.parameters()).dtype == torch.float32  # loading casts back
+        return restorer.restore(torch.linspace(0, 1, 3 * 8 * 8).reshape(1, 3, 8, 8), seed=0)
+
+    path = _config_file(tmp_path, train={"steps": 2})
+    full = run_training(load_train_config(path), resume=False, quiet=True)
+    ema = _weights(full.checkpoint / "ema.safetensors")
+    assert {v.dtype for v in _weights(full.weights).values() if v.is_floating_point()} == {torch.float32}
+    expected_output = restore(full.registry)
+
+    # The storage dtype is bookkeeping: a finished run resumed with it re-exports the same EMA
+    # weights, halved, and the checkpoints stay float32.
+    half = run_training(load_train_config(path, ["train.weights_dtype=float16"]), resume=True, quiet=True)
+    stored = _weights(half.weights)
+    assert stored.keys() == ema.keys()
+    for key, value in ema.items():
+        expected = value.half() if value.is_floating_point() else value
+        assert stored[key].dtype == expected.dtype and torch.equal(stored[key], expected), key
+    assert _weights(half.checkpoint / "ema.safetensors")["out.2.weight"].dtype == torch.float32
+    assert half.weights.stat().st_size < 0.6 * (full.checkpoint / "ema.safetensors").stat().st_size
+
+    output = restore(half.registry)
+    assert not torch.equal(output, expected_output)
+    torch.testing.assert_close(output, expected_output, atol=5e-3, rtol=0)
+    with pytest.raises(TrainConfigError, match="weights_dtype must be one of"):
+        load_train_config(path, ["train.weights_dtype=int8"])
+
+
 def _tiny_latent_registry(tmp: Path) -> Path:
     """A user registry with the upstream-structured tiny x4 model and its f4 autoencoder."""
     c = case("sr-tiny")

@@ -9,7 +9,8 @@ Layout (every key can be overridden on the command line, values parsed as TOML):
     [model]                        # init, autoencoder, registry; [model.unet], [model.diffusion]
     [data]                         # train, val, crop, degradation, [data.realesrgan], ...
     [optim]                        # AdamW, warm-up and schedule, gradient clipping, EMA
-    [train]                        # steps, batch_size, device, precision, how often to log/save/validate
+    [train]                        # steps, batch_size, device, precision, how often to log/save/validate,
+                                   # the stored dtype of the final weights
 
 Relative paths in the file are relative to the file; those given as overrides, to the current
 directory. ``model.init`` and ``model.autoencoder`` are registry names unless they look like a path
@@ -57,6 +58,7 @@ __all__ = [
 DEGRADATIONS = ("bicubic", "realesrgan")
 SCHEDULES = ("cosine", "constant")
 TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 
 Key = tuple[str, ...]
 
@@ -77,6 +79,7 @@ _BOOKKEEPING: tuple[Key, ...] = (
     ("train", "checkpoint_every"),
     ("train", "val_every"),
     ("train", "keep_checkpoints"),
+    ("train", "weights_dtype"),
 )
 """Keys that do not change which weights a run produces; a resumed run may change them."""
 
@@ -203,6 +206,8 @@ class TrainLoopConfig:
     ``precision`` bf16/fp16 (autocast; fp16 with a gradient scaler) needs CUDA. A checkpoint is
     written every ``checkpoint_every`` steps and at the end; only the ``keep_checkpoints`` newest
     are kept (0: all). ``val_every`` 0 validates only at the end (when ``data.val`` is set).
+    ``weights_dtype`` is the storage type of the final ``<name>.safetensors`` (float16 halves the
+    file; loading casts back to the model's dtype); checkpoints always keep float32.
     """
 
     steps: int
@@ -213,6 +218,7 @@ class TrainLoopConfig:
     checkpoint_every: int = 1000
     val_every: int = 1000
     keep_checkpoints: int = 3
+    weights_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _positive("steps", self.steps)
@@ -222,6 +228,7 @@ class TrainLoopConfig:
         _positive("checkpoint_every", self.checkpoint_every)
         _non_negative("val_every", self.val_every)
         _non_negative("keep_checkpoints", self.keep_checkpoints)
+        _one_of("weights_dtype", self.weights_dtype, WEIGHTS_DTYPES)
 
 
 @dataclass(frozen=True)

@@ -21,8 +21,9 @@ Checkpoint ``<output_dir>/checkpoints/step-NNNNNNN/``:
 * ``state.json``: step, data position, seed, config hash and the trajectory config, the optimizer's
   parameter groups and non-tensor state, the gradient scaler's state, the last validation scores.
 
-No pickle anywhere. At the end ``<output_dir>/<name>.safetensors`` holds the EMA weights and
-``<output_dir>/registry.toml`` an entry for them (``resshift sr --registry ... --model <name>``).
+No pickle anywhere. At the end ``<output_dir>/<name>.safetensors`` holds the EMA weights (stored as
+``train.weights_dtype``) and ``<output_dir>/registry.toml`` an entry for them (``resshift sr
+--registry ... --model <name>``).
 
 Several processes (``torchrun --nproc-per-node N``): WORLD_SIZE/RANK/LOCAL_RANK are read from the
 environment, the process group uses NCCL on CUDA and Gloo on the CPU, each process takes its slice
@@ -640,7 +641,7 @@ class _Run:
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
         if procs.is_main:
-            save_safetensors(self.ema.state_dict(), weights)
+            save_safetensors(_stored(self.ema.state_dict(), config.train.weights_dtype), weights)
             registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
         self._barrier(True)
         final = out / "checkpoints" / f"step-{step:07d}"
@@ -751,6 +752,12 @@ def _mean_over_processes(losses: Sequence[torch.Tensor], procs: World) -> float:
     if procs.size > 1:
         dist.all_reduce(total)
     return float(total) / (len(losses) * procs.size)
+
+
+def _stored(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
+    """``state`` with its floating-point tensors cast to ``dtype`` (a torch dtype name) for storage."""
+    target = getattr(torch, dtype)
+    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _registry_entry(config: TrainConfig, models: _Models, weights: Path, step: int) -> str:
