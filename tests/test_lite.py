@@ -37,7 +37,7 @@ def test_lite_weights_ship_inside_the_package_with_their_hash(lite) -> None:
     path = lite.source.path
     assert path is not None and path.is_file()
     assert path.resolve().is_relative_to(package_dir().resolve())
-    assert path.stat().st_size <= 20 * 2**20
+    assert path.stat().st_size <= 20_000_000  # 20 MB
     assert lite.source.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     assert lite.source.repo_id is None and lite.source.url is None
     assert lite.autoencoder is None and lite.task == "sr" and lite.scale == 4

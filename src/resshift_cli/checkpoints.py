@@ -133,6 +133,12 @@ def load_into(
     model.load_state_dict(laid_out, strict=True, assign=True)
 
 
+def cast_floating(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state_dict`` with its floating-point tensors cast to ``dtype`` (to store weights smaller);
+    integer buffers are kept. :func:`load_into` casts them back to the model's dtypes."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+
+
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:
     """Write ``state_dict`` as safetensors atomically (temporary file, then rename)."""
     from safetensors.torch import save_file

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resshift_cli.checkpoints import load_into, read_state_dict, save_safetensors
+from resshift_cli.checkpoints import cast_floating, load_into, read_state_dict, save_safetensors
 from resshift_cli.diffusion import ResShiftDiffusion
 from resshift_cli.distributed import World
 from resshift_cli.metrics import psnr, ssim
@@ -641,7 +641,8 @@ class _Run:
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
         if procs.is_main:
-            save_safetensors(_stored(self.ema.state_dict(), config.train.weights_dtype), weights)
+            stored = cast_floating(self.ema.state_dict(), getattr(torch, config.train.weights_dtype))
+            save_safetensors(stored, weights)
             registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
         self._barrier(True)
         final = out / "checkpoints" / f"step-{step:07d}"
@@ -752,12 +753,6 @@ def _mean_over_processes(losses: Sequence[torch.Tensor], procs: World) -> float:
     if procs.size > 1:
         dist.all_reduce(total)
     return float(total) / (len(losses) * procs.size)
-
-
-def _stored(state: dict[str, torch.Tensor], dtype: str) -> dict[str, torch.Tensor]:
-    """``state`` with its floating-point tensors cast to ``dtype`` (a torch dtype name) for storage."""
-    target = getattr(torch, dtype)
-    return {k: v.to(target) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def _registry_entry(config: TrainConfig, models: _Models, weights: Path, step: int) -> str:
