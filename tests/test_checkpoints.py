@@ -10,7 +10,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from resshift_cli.checkpoints import CheckpointError, load_into, read_state_dict, save_safetensors
+from resshift_cli.checkpoints import (
+    CheckpointError,
+    compact_state_dict,
+    load_into,
+    read_state_dict,
+    save_safetensors,
+)
 
 
 def _model() -> torch.nn.Module:
@@ -146,3 +152,36 @@ def test_truncated_checkpoint(tmp_path: Path) -> None:
     pth.write_bytes(pth.read_bytes()[:200])
     with pytest.raises(CheckpointError):
         read_state_dict(pth)
+
+
+def test_compact_state_dict_narrows_for_storage_and_loads_back(tmp_path: Path) -> None:
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(2, 2, 3)
+            self.register_buffer("small", torch.arange(-5, 300))  # int64 in the model
+            self.register_buffer("medium", torch.tensor([-40000, 70000]))
+            self.register_buffer("large", torch.tensor([2**40]))
+            self.register_buffer("flags", torch.tensor([True, False]))
+
+    net = Net()
+    stored = compact_state_dict(net.state_dict(), torch.float16)
+    dtypes = {k: v.dtype for k, v in stored.items()}
+    assert dtypes == {
+        "conv.weight": torch.float16,
+        "conv.bias": torch.float16,
+        "small": torch.int16,
+        "medium": torch.int32,
+        "large": torch.int64,
+        "flags": torch.bool,
+    }
+    save_safetensors(stored, tmp_path / "w.safetensors")
+    fresh = Net()
+    for buffer in ("small", "medium", "large"):
+        getattr(fresh, buffer).zero_()
+    load_into(fresh, read_state_dict(tmp_path / "w.safetensors"))
+    for key, value in net.state_dict().items():
+        loaded = fresh.state_dict()[key]
+        assert loaded.dtype == value.dtype, key
+        expected = value.half().to(value.dtype) if value.is_floating_point() else value
+        assert torch.equal(loaded, expected), key

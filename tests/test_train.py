@@ -21,7 +21,7 @@ from PIL import Image
 from reference import case, reference_path
 from safetensors.torch import load_file
 
-from resshift_cli.checkpoints import cast_floating, load_into, read_state_dict, save_safetensors
+from resshift_cli.checkpoints import compact_state_dict, load_into, read_state_dict, save_safetensors
 from resshift_cli.models.unet import UNet
 from resshift_cli.registry import load_registry
 from resshift_cli.training.config import (
@@ -221,7 +221,8 @@ def test_lite_config_builds_a_pixel_model_under_20_mb(tmp_path: Path) -> None:
     assert unet.lq_size == unet.image_size  # conditioned on the upsampled LQ, at the output size
     assert config.data.crop % unet.size_multiple == 0
     weights = tmp_path / "lite.safetensors"
-    save_safetensors(cast_floating(unet.state_dict(), getattr(torch, config.train.weights_dtype)), weights)
+    stored = compact_state_dict(unet.state_dict(), getattr(torch, config.train.weights_dtype))
+    save_safetensors(stored, weights)
     assert weights.stat().st_size < 20_000_000  # 20 MB, as stored by the run
     # It runs at the crop size, conditioned on the upsampled LQ.
     x = torch.zeros(1, 3, config.data.crop, config.data.crop)
@@ -413,13 +414,15 @@ def test_final_weights_can_be_stored_in_float16(tmp_path: Path) -> None:
     expected_output = restore(full.registry)
 
     # The storage dtype is bookkeeping: a finished run resumed with it re-exports the same EMA
-    # weights, halved, and the checkpoints stay float32.
+    # weights, halved (and integer buffers narrowed), and the checkpoints stay float32.
     half = run_training(load_train_config(path, ["train.weights_dtype=float16"]), resume=True, quiet=True)
     stored = _weights(half.weights)
     assert stored.keys() == ema.keys()
     for key, value in ema.items():
-        expected = value.half() if value.is_floating_point() else value
-        assert stored[key].dtype == expected.dtype and torch.equal(stored[key], expected), key
+        if value.is_floating_point():
+            assert stored[key].dtype == torch.float16 and torch.equal(stored[key], value.half()), key
+        else:  # index buffers: narrowed to int16, values kept
+            assert stored[key].dtype == torch.int16 and torch.equal(stored[key].long(), value), key
     assert _weights(half.checkpoint / "ema.safetensors")["out.2.weight"].dtype == torch.float32
     assert half.weights.stat().st_size < 0.6 * (full.checkpoint / "ema.safetensors").stat().st_size
 

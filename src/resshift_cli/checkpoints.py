@@ -133,10 +133,22 @@ def load_into(
     model.load_state_dict(laid_out, strict=True, assign=True)
 
 
-def cast_floating(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """``state_dict`` with its floating-point tensors cast to ``dtype`` (to store weights smaller);
-    integer buffers are kept. :func:`load_into` casts them back to the model's dtypes."""
-    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+def compact_state_dict(state_dict: Mapping[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """``state_dict`` made small to store: floating-point tensors cast to ``dtype``, integer ones
+    (index buffers, int64 in the model) to the narrowest of int16/int32 that holds their values.
+    :func:`load_into` casts every tensor back to the model's dtypes."""
+    out = {}
+    for key, value in state_dict.items():
+        if value.is_floating_point():
+            value = value.to(dtype)
+        elif value.dtype in (torch.int32, torch.int64) and value.numel():
+            low, high = int(value.min()), int(value.max())
+            for narrow in (torch.int16, torch.int32):
+                if torch.iinfo(narrow).min <= low and high <= torch.iinfo(narrow).max:
+                    value = value.to(narrow)
+                    break
+        out[key] = value
+    return out
 
 
 def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.PathLike[str]) -> None:

@@ -207,7 +207,8 @@ class TrainLoopConfig:
     written every ``checkpoint_every`` steps and at the end; only the ``keep_checkpoints`` newest
     are kept (0: all). ``val_every`` 0 validates only at the end (when ``data.val`` is set).
     ``weights_dtype`` is the storage type of the final ``<name>.safetensors`` (float16 halves the
-    file; loading casts back to the model's dtype); checkpoints always keep float32.
+    file; integer buffers are narrowed too; loading casts back to the model's dtypes); checkpoints
+    always keep the model's dtypes.
     """
 
     steps: int

@@ -49,7 +49,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resshift_cli.checkpoints import cast_floating, load_into, read_state_dict, save_safetensors
+from resshift_cli.checkpoints import compact_state_dict, load_into, read_state_dict, save_safetensors
 from resshift_cli.diffusion import ResShiftDiffusion
 from resshift_cli.distributed import World
 from resshift_cli.metrics import psnr, ssim
@@ -641,7 +641,7 @@ class _Run:
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
         if procs.is_main:
-            stored = cast_floating(self.ema.state_dict(), getattr(torch, config.train.weights_dtype))
+            stored = compact_state_dict(self.ema.state_dict(), getattr(torch, config.train.weights_dtype))
             save_safetensors(stored, weights)
             registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
         self._barrier(True)
