@@ -58,7 +58,6 @@ __all__ = [
 DEGRADATIONS = ("bicubic", "realesrgan")
 SCHEDULES = ("cosine", "constant")
 TRAIN_PRECISIONS = ("fp32", "bf16", "fp16")
-WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
 
 Key = tuple[str, ...]
 
@@ -206,9 +205,9 @@ class TrainLoopConfig:
     ``precision`` bf16/fp16 (autocast; fp16 with a gradient scaler) needs CUDA. A checkpoint is
     written every ``checkpoint_every`` steps and at the end; only the ``keep_checkpoints`` newest
     are kept (0: all). ``val_every`` 0 validates only at the end (when ``data.val`` is set).
-    ``weights_dtype`` is the storage type of the final ``<name>.safetensors`` (float16 halves the
-    file; integer buffers are narrowed too; loading casts back to the model's dtypes); checkpoints
-    always keep the model's dtypes.
+    ``weights_dtype`` (named as ``precision`` is) is the storage type of the final
+    ``<name>.safetensors`` (fp16 halves the file; integer buffers are narrowed too; loading casts
+    back to the model's dtypes); checkpoints always keep the model's dtypes.
     """
 
     steps: int
@@ -219,7 +218,7 @@ class TrainLoopConfig:
     checkpoint_every: int = 1000
     val_every: int = 1000
     keep_checkpoints: int = 3
-    weights_dtype: str = "float32"
+    weights_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         _positive("steps", self.steps)
@@ -229,7 +228,7 @@ class TrainLoopConfig:
         _positive("checkpoint_every", self.checkpoint_every)
         _non_negative("val_every", self.val_every)
         _non_negative("keep_checkpoints", self.keep_checkpoints)
-        _one_of("weights_dtype", self.weights_dtype, WEIGHTS_DTYPES)
+        _one_of("weights_dtype", self.weights_dtype, TRAIN_PRECISIONS)
 
 
 @dataclass(frozen=True)

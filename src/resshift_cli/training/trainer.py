@@ -77,6 +77,7 @@ from resshift_cli.training.data import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
+    "WEIGHTS_DTYPES",
     "TrainResult",
     "latest_checkpoint",
     "load_optimizer_state",
@@ -204,6 +205,14 @@ def _device(name: str, procs: World) -> torch.device:
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
     return device
+
+
+WEIGHTS_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+"""``train.weights_dtype`` names (those of ``train.precision``) and the dtypes they store."""
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -641,7 +650,7 @@ class _Run:
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
         if procs.is_main:
-            stored = compact_state_dict(self.ema.state_dict(), getattr(torch, config.train.weights_dtype))
+            stored = compact_state_dict(self.ema.state_dict(), WEIGHTS_DTYPES[config.train.weights_dtype])
             save_safetensors(stored, weights)
             registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
         self._barrier(True)
