@@ -35,7 +35,7 @@ from resshift_cli.training.config import (
 from resshift_cli.training.data import PairMaker, StepBatches
 from resshift_cli.training.degradations import DegradationConfig
 from resshift_cli.training.trainer import (
-    WEIGHTS_DTYPES,
+    PRECISION_DTYPES,
     load_optimizer_state,
     lr_at,
     optimizer_state,
@@ -223,7 +223,7 @@ def test_lite_config_builds_a_pixel_model_under_20_mb(tmp_path: Path) -> None:
     assert unet.lq_size == unet.image_size  # conditioned on the upsampled LQ, at the output size
     assert config.data.crop % unet.size_multiple == 0
     weights = tmp_path / "lite.safetensors"
-    stored = compact_state_dict(unet.state_dict(), WEIGHTS_DTYPES[config.train.weights_dtype])
+    stored = compact_state_dict(unet.state_dict(), PRECISION_DTYPES[config.train.weights_dtype])
     save_safetensors(stored, weights)
     assert weights.stat().st_size < 20_000_000  # 20 MB, as stored by the run
     # It runs at the crop size, conditioned on the upsampled LQ.

@@ -77,7 +77,7 @@ from resshift_cli.training.data import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "WEIGHTS_DTYPES",
+    "PRECISION_DTYPES",
     "TrainResult",
     "latest_checkpoint",
     "load_optimizer_state",
@@ -207,12 +207,12 @@ def _device(name: str, procs: World) -> torch.device:
     return device
 
 
-WEIGHTS_DTYPES: dict[str, torch.dtype] = {
+PRECISION_DTYPES: dict[str, torch.dtype] = {
     "fp32": torch.float32,
     "fp16": torch.float16,
     "bf16": torch.bfloat16,
 }
-"""``train.weights_dtype`` names (those of ``train.precision``) and the dtypes they store."""
+"""The dtype each ``train.precision`` / ``train.weights_dtype`` name means."""
 
 
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -222,7 +222,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise TrainConfigError(f"train.precision = {precision!r} needs CUDA; use fp32 on {device.type}")
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise TrainConfigError("train.precision: bf16 is not supported by this GPU; use fp16 or fp32")
-    return torch.float16 if precision == "fp16" else torch.bfloat16
+    return PRECISION_DTYPES[precision]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -650,7 +650,7 @@ class _Run:
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
         if procs.is_main:
-            stored = compact_state_dict(self.ema.state_dict(), WEIGHTS_DTYPES[config.train.weights_dtype])
+            stored = compact_state_dict(self.ema.state_dict(), PRECISION_DTYPES[config.train.weights_dtype])
             save_safetensors(stored, weights)
             registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
         self._barrier(True)
