@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 from resshift_cli.imageio import load_image
 from resshift_cli.training.degradations import (
@@ -26,6 +27,7 @@ from resshift_cli.training.degradations import (
     jpeg_compress,
     random_crop_flip,
     random_kernel,
+    random_shrink,
     realesrgan_degrade,
     sinc_kernel,
 )
@@ -385,6 +387,38 @@ def test_random_crop_flip_is_deterministic_and_checks_sizes():
     assert a.shape == (2, 3, 16, 16) and torch.equal(a, b)
     with pytest.raises(ValueError):
         random_crop_flip(image[0], 41, _gen(0))
+
+
+def test_random_shrink_is_pillows_bicubic_away_from_the_borders():
+    image = 0.25 + 0.5 * torch.rand(3, 60, 90, generator=_gen(0))
+    out = random_shrink(image, (0.5, 0.5), 16, _gen(1))
+    assert out.shape == (3, 30, 45) and out.dtype == torch.float32
+    # Pillow's float-mode bicubic (Keys a = -0.5, widened when shrinking) as an independent reference;
+    # the borders differ by design (mirrored here, clamped in Pillow).
+    want = np.stack(
+        [np.asarray(Image.fromarray(c.numpy(), mode="F").resize((45, 30), Image.BICUBIC)) for c in image]
+    )
+    np.testing.assert_allclose(out.numpy()[:, 3:-3, 3:-3], want[:, 3:-3, 3:-3], atol=1e-5)
+
+
+def test_random_shrink_draws_in_its_range_and_keeps_the_crop_inside():
+    image = torch.rand(3, 100, 150, generator=_gen(0))
+    heights = set()
+    for seed in range(30):
+        out = random_shrink(image, (0.5, 0.9), 64, _gen(seed))
+        height, width = out.shape[-2:]
+        assert 64 <= height <= 90 and abs(width / height - 1.5) < 0.03
+        assert float(out.min()) >= 0 and float(out.max()) <= 1
+        assert torch.equal(out, random_shrink(image, (0.5, 0.9), 64, _gen(seed)))
+        heights.add(height)
+    assert len(heights) > 10 and min(heights) == 64  # drawn factors below 0.64 are raised to fit 64
+    # No shrinking: the image itself, and the generator is left as it was.
+    g = _gen(3)
+    assert random_shrink(image, (1.0, 1.0), 64, g) is image
+    assert torch.equal(torch.rand(4, generator=g), torch.rand(4, generator=_gen(3)))
+    for bad in [(0.0, 0.5), (0.8, 0.5), (0.5, 1.2), (0.5,)]:
+        with pytest.raises(ValueError, match="shrink must be"):
+            random_shrink(image, bad, 64, _gen(0))
 
 
 def test_crop_then_degrade_gives_an_lq_of_exactly_one_quarter():

@@ -33,7 +33,7 @@ from resshift_cli.training.config import (
     parse_override,
 )
 from resshift_cli.training.data import PairMaker, StepBatches
-from resshift_cli.training.degradations import DegradationConfig
+from resshift_cli.training.degradations import DegradationConfig, bicubic_degrade
 from resshift_cli.training.trainer import (
     PRECISION_DTYPES,
     load_optimizer_state,
@@ -196,6 +196,7 @@ def test_load_config_applies_overrides_and_resolves_paths(
         ("optim.betas=[0.9]", r"optim\.betas: expected 2 values"),
         ("optim.schedule=linear", r"optim: schedule must be one of cosine, constant"),
         ("data.degradation=jpeg", r"data: degradation must be one of"),
+        ("data.shrink=[0.5, 1.5]", r"data: shrink must be \[lo, hi\] with 0 < lo <= hi <= 1"),
         ("data.realesrgan.jpeg_range=[50, 10]", r"data\.realesrgan: jpeg_range"),
         ("model.autoencoder=ae.safetensors", r"model: an autoencoder file needs autoencoder_params"),
         ("train.precision=fp8", r"train: precision must be one of"),
@@ -299,6 +300,20 @@ def test_sample_order_and_sharding_are_deterministic(tmp_path: Path) -> None:
         assert torch.equal(lq, torch.cat([halves[0][i][1], halves[1][i][1]]))
     # A run resumed at step 3 gets step 3's batch.
     assert torch.equal(StepBatches(maker, 3, 4, 4, 0, 1)[0][0], whole[2][0])
+
+
+def test_pairs_are_cropped_from_the_shrunk_image(tmp_path: Path) -> None:
+    paths = [_images(tmp_path / "hq", 2, 16, 1) / f"img{i}.png" for i in range(2)]
+    plain = PairMaker(paths, 8, 4, "bicubic", DegradationConfig(), False, seed=11)
+    halved = PairMaker(paths, 8, 4, "bicubic", DegradationConfig(), False, seed=11, shrink=(0.5, 0.5))
+    for k in range(6):
+        hq, lq = halved.pair(k)
+        # Shrunk to 8x8, the 8x8 crop is the whole image (flipped half the time), not a crop of it.
+        pixels = np.asarray(Image.open(paths[halved.order.image_index(k)]).convert("RGB"), np.float32) / 255
+        whole = bicubic_degrade(torch.from_numpy(pixels).permute(2, 0, 1), 2, quantise=False)
+        assert torch.allclose(hq, whole, atol=1e-5) or torch.allclose(hq, whole.flip(-1), atol=1e-5)
+        assert lq.shape == (3, 2, 2)
+        assert not torch.equal(hq, plain.pair(k)[0])
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from resshift_cli.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
-from resshift_cli.training.degradations import DegradationConfig
+from resshift_cli.training.degradations import DegradationConfig, check_shrink_range
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -138,9 +138,11 @@ class DataConfig:
     """Training images and how the LQ inputs are made from them.
 
     ``train``: folder of HQ images (searched recursively). Each sample is a random ``crop`` x ``crop``
-    HQ crop (flipped, and turned with ``rotate``), degraded by ``degradation``: "bicubic" or
-    "realesrgan" (parameters in ``realesrgan``). ``val``: held-out folder; its first ``val_images``
-    images (sorted by name), centre-cropped to ``val_crop`` (default ``crop``), are scored.
+    HQ crop (flipped, and turned with ``rotate``) of the image shrunk by a random factor from
+    ``shrink`` (default (1, 1): not shrunk; like Real-ESRGAN's multi-scale copies of its training
+    set), degraded by ``degradation``: "bicubic" or "realesrgan" (parameters in ``realesrgan``).
+    ``val``: held-out folder; its first ``val_images`` images (sorted by name), centre-cropped to
+    ``val_crop`` (default ``crop``), are scored.
     ``workers`` > 0 prepares batches in that many background processes.
     """
 
@@ -153,9 +155,11 @@ class DataConfig:
     workers: int = 0
     val_images: int = 4
     val_crop: int | None = None
+    shrink: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         _positive("crop", self.crop)
+        check_shrink_range(self.shrink)
         _one_of("degradation", self.degradation, DEGRADATIONS)
         _non_negative("workers", self.workers)
         _positive("val_images", self.val_images)

@@ -24,6 +24,7 @@ from resshift_cli.training.degradations import (
     DegradationConfig,
     bicubic_degrade,
     random_crop_flip,
+    random_shrink,
     realesrgan_degrade,
 )
 
@@ -114,7 +115,10 @@ class SampleOrder:
 
 @dataclass
 class PairMaker:
-    """Makes training pair ``k``: a random HQ crop and its LQ, both float32 (3, H, W) in [0, 1]."""
+    """Makes training pair ``k``: a random HQ crop and its LQ, both float32 (3, H, W) in [0, 1].
+
+    The image is first shrunk by a random factor from ``shrink`` ((1, 1): kept as it is).
+    """
 
     paths: Sequence[Path]
     crop: int
@@ -123,6 +127,7 @@ class PairMaker:
     realesrgan: DegradationConfig
     rotate: bool
     seed: int
+    shrink: tuple[float, float] = (1.0, 1.0)
 
     def __post_init__(self) -> None:
         if self.crop % self.scale:
@@ -131,9 +136,8 @@ class PairMaker:
 
     def pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = generator(self.seed, "sample", k)
-        hq = random_crop_flip(
-            _load(self.paths[self.order.image_index(k)]), self.crop, gen, rotate=self.rotate
-        )
+        image = random_shrink(_load(self.paths[self.order.image_index(k)]), self.shrink, self.crop, gen)
+        hq = random_crop_flip(image, self.crop, gen, rotate=self.rotate)
         return hq, degrade(hq, self.scale, self.degradation, self.realesrgan, gen)
 
 

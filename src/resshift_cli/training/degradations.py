@@ -36,10 +36,12 @@ __all__ = [
     "add_poisson_noise",
     "bicubic_degrade",
     "bivariate_kernel",
+    "check_shrink_range",
     "filter_image",
     "jpeg_compress",
     "random_crop_flip",
     "random_kernel",
+    "random_shrink",
     "realesrgan_degrade",
     "sinc_kernel",
 ]
@@ -567,6 +569,37 @@ def realesrgan_degrade(
 
 # ---------------------------------------------------------------------------------------------------
 # Crops and flips.
+
+
+def check_shrink_range(shrink: Sequence[float]) -> tuple[float, float]:
+    """``shrink`` as (lo, hi) with 0 < lo <= hi <= 1, or a ValueError saying what is wrong."""
+    if len(shrink) != 2 or not 0 < shrink[0] <= shrink[1] <= 1:
+        raise ValueError(f"shrink must be [lo, hi] with 0 < lo <= hi <= 1, got {list(shrink)}")
+    return shrink[0], shrink[1]
+
+
+def random_shrink(
+    image: torch.Tensor, shrink: tuple[float, float], min_side: int, generator: torch.Generator
+) -> torch.Tensor:
+    """A (C, H, W) image shrunk by a random factor drawn from ``shrink`` (MATLAB-style bicubic).
+
+    Real-ESRGAN trains on DF2K together with copies shrunk by 0.75, 0.5 and 1/3: the same photos at
+    smaller scales, sharper and with more content per crop. This draws the factor per sample instead.
+    The factor is raised where needed so the short side stays at least ``min_side`` (the crop still
+    fits). A factor of 1 returns the image itself; no draw is made when ``shrink`` is (1, 1), so runs
+    without shrinking keep their random streams.
+    """
+    low, high = check_shrink_range(shrink)
+    if low == high == 1:
+        return image
+    height, width = image.shape[-2:]
+    factor = max(_uniform(generator, low, high), min_side / min(height, width))
+    size = (max(min_side, round(height * factor)), max(min_side, round(width * factor)))
+    if size == (height, width):
+        return image
+    rows = _bicubic_matrix(height, size[0]).float()
+    cols = _bicubic_matrix(width, size[1]).float()
+    return torch.matmul(rows, torch.matmul(image.float(), cols.T)).clamp(0, 1)
 
 
 def random_crop_flip(

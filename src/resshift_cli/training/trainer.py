@@ -576,7 +576,7 @@ class _Run:
         sf = self.models.diffusion.sf
         paths, self.skipped = list_images(data.train, data.crop)
         self.maker = PairMaker(
-            paths, data.crop, sf, data.degradation, data.realesrgan, data.rotate, config.seed
+            paths, data.crop, sf, data.degradation, data.realesrgan, data.rotate, config.seed, data.shrink
         )
         self.val_pairs: list[ValPair] = []
         if data.val is not None and procs.is_main:
