@@ -608,9 +608,27 @@ def test_interrupt_exits_130_and_keeps_finished_outputs(
     monkeypatch.setattr(tasks, "super_resolve", interrupted_second)
     result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
     assert result.exit_code == 130
-    assert "interrupted" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        "interrupted after 1 of 3 images; finished outputs are kept "
+        "(run the same command again to do the rest: existing outputs are skipped)"
+    )
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["0.png"]
     assert len(calls) == 2
+
+
+def test_interrupt_before_any_output_says_nothing_was_written(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Path
+) -> None:
+    write(tmp_path / "in" / "0.png", noise(16, 16, seed=0))
+
+    def interrupted(*args: Any, **kwargs: Any) -> tasks.Restored:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tasks, "super_resolve", interrupted)
+    result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == "interrupted; no output was written"
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 # Options ------------------------------------------------------------------------------------------

@@ -26,6 +26,24 @@ class PlanError(Exception):
     """The inputs and output options do not make a valid run (a usage error)."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C in the middle of a batch, with how far it got: ``done`` of the ``total`` images to do."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(done, total)
+        self.done = done
+        self.total = total
+
+    def message(self) -> str:
+        """The one line the CLI prints; a rerun skips the outputs that exist, so it says so."""
+        if not self.done:
+            return "interrupted; no output was written"
+        return (
+            f"interrupted after {self.done} of {self.total} images; finished outputs are kept "
+            "(run the same command again to do the rest: existing outputs are skipped)"
+        )
+
+
 @dataclass(frozen=True)
 class Job:
     """One input image, where its restoration goes, and its mask (inpainting)."""

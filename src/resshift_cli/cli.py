@@ -158,6 +158,9 @@ def _run_restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: di
 
     try:
         code = _restore(task, inputs, masks, kw)
+    except batch.Interrupted as exc:
+        click.echo(exc.message(), err=True)
+        sys.exit(batch.EXIT_INTERRUPTED)
     except KeyboardInterrupt:
         click.echo("interrupted; finished outputs are kept", err=True)
         sys.exit(batch.EXIT_INTERRUPTED)

@@ -13,6 +13,7 @@ from pathlib import Path
 from resshift_cli.batch import (
     EXIT_MODEL,
     EXIT_OK,
+    Interrupted,
     Job,
     Plan,
     Record,
@@ -102,11 +103,16 @@ def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[lis
                 summary.records.append(record)
                 reporter.emit(record)
             return summary.records, True, summary.started
-        for job in todo:
-            reporter.begin_image(job.source.name)
-            record = process(job)
-            summary.records.append(record)
-            reporter.end_image(record)
+        written = 0
+        try:
+            for job in todo:
+                reporter.begin_image(job.source.name)
+                record = process(job)
+                summary.records.append(record)
+                reporter.end_image(record)
+                written += record.status == "done"
+        except KeyboardInterrupt:
+            raise Interrupted(written, len(todo)) from None
     return summary.records, False, summary.started
 
 
