@@ -113,14 +113,16 @@ def test_full_sampling_with_recorded_noise(name: str, fast: bool) -> None:
 
 def _module_outputs(model: torch.nn.Module, prefix: str, names: list[str], run) -> dict[str, torch.Tensor]:
     modules = dict(model.named_modules())
-    missing = [n for n in names if n[len(prefix):] not in modules]
+    missing = [n for n in names if n[len(prefix) :] not in modules]
     assert not missing, f"modules absent from our model: {missing[:5]}"
     captured: dict[str, torch.Tensor] = {}
     hooks = []
     for name in names:
+
         def hook(_m, _i, out, name=name):
             captured[name] = out[0:1].detach().clone()
-        hooks.append(modules[name[len(prefix):]].register_forward_hook(hook))
+
+        hooks.append(modules[name[len(prefix) :]].register_forward_hook(hook))
     try:
         with torch.no_grad():
             run()

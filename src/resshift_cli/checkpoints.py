@@ -78,7 +78,7 @@ def unwrap_state_dict(raw: object, source: str = "checkpoint") -> dict[str, torc
             stripped = False
             for prefix in _PREFIXES:
                 if name.startswith(prefix):
-                    name = name[len(prefix):]
+                    name = name[len(prefix) :]
                     stripped = True
         out[name] = value
     if not out:
