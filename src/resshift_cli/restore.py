@@ -103,16 +103,14 @@ def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[lis
                 summary.records.append(record)
                 reporter.emit(record)
             return summary.records, True, summary.started
-        written = 0
         try:
             for job in todo:
                 reporter.begin_image(job.source.name)
                 record = process(job)
                 summary.records.append(record)
                 reporter.end_image(record)
-                written += record.status == "done"
         except KeyboardInterrupt:
-            raise Interrupted(written, len(todo)) from None
+            raise Interrupted(summary.count("done"), len(todo)) from None
     return summary.records, False, summary.started
 
 
