@@ -382,6 +382,13 @@ def _bicubic_matrix(in_len: int, out_len: int) -> torch.Tensor:
     return torch.zeros(out_len, in_len, dtype=torch.float64).scatter_add_(1, index, weights)
 
 
+def _bicubic_resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(..., H, W) images resized to ``size`` with MATLAB's ``imresize`` bicubic, float32, unclamped."""
+    rows = _bicubic_matrix(images.shape[-2], size[0]).float().to(images.device)
+    cols = _bicubic_matrix(images.shape[-1], size[1]).float().to(images.device)
+    return torch.matmul(rows, torch.matmul(images.float(), cols.T))
+
+
 def _as_batch(images: torch.Tensor, name: str) -> tuple[torch.Tensor, bool]:
     if images.ndim == 3:
         return images[None], True
@@ -412,10 +419,7 @@ def bicubic_degrade(hq: torch.Tensor, scale: int, *, quantise: bool = True) -> t
     and, unless ``quantise`` is False, rounded to 8-bit levels.
     """
     batch, single = _as_batch(hq, "hq")
-    lq_h, lq_w = _lq_size(batch, scale)
-    rows = _bicubic_matrix(batch.shape[-2], lq_h).float().to(batch.device)
-    cols = _bicubic_matrix(batch.shape[-1], lq_w).float().to(batch.device)
-    out = torch.matmul(rows, torch.matmul(batch.float(), cols.T))
+    out = _bicubic_resize(batch, _lq_size(batch, scale))
     out = _quantise(out) if quantise else out.clamp(0, 1)
     return out[0] if single else out
 
@@ -597,9 +601,7 @@ def random_shrink(
     size = (max(min_side, round(height * factor)), max(min_side, round(width * factor)))
     if size == (height, width):
         return image
-    rows = _bicubic_matrix(height, size[0]).float()
-    cols = _bicubic_matrix(width, size[1]).float()
-    return torch.matmul(rows, torch.matmul(image.float(), cols.T)).clamp(0, 1)
+    return _bicubic_resize(image, size).clamp(0, 1)
 
 
 def random_crop_flip(
