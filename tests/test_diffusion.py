@@ -125,6 +125,10 @@ def test_training_loss() -> None:
     assert torch.allclose(zero, x0.pow(2).flatten(1).mean(1))
     weighted = _diffusion(weighted_mse=True).training_loss(_Oracle(torch.zeros_like(x0)), x0, y, t)
     assert torch.allclose(weighted, zero * torch.from_numpy(d.weight_loss_mse).float())
+    l1 = d.training_loss(_Oracle(torch.zeros_like(x0)), x0, y, t, loss="l1")
+    assert torch.allclose(l1, x0.abs().flatten(1).mean(1))
+    with pytest.raises(ValueError, match="loss must be one of mse, l1, got 'huber'"):
+        d.training_loss(_Oracle(x0), x0, y, t, loss="huber")
 
 
 def test_respacing_keeps_a_subset_and_maps_timesteps() -> None:

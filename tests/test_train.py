@@ -31,6 +31,7 @@ from resshift_cli.training.config import (
     dump_toml,
     load_train_config,
     parse_override,
+    trajectory_dict,
 )
 from resshift_cli.training.data import PairMaker, StepBatches
 from resshift_cli.training.degradations import DegradationConfig, bicubic_degrade
@@ -185,6 +186,12 @@ def test_load_config_applies_overrides_and_resolves_paths(
     base = config_hash(load_train_config(path))
     assert config_hash(load_train_config(path, ["train.checkpoint_every=7", "data.workers=2"])) == base
     assert config_hash(load_train_config(path, ["optim.lr=1e-3"])) != base
+    # Keys added later are left out at their defaults (runs from before them resume), not otherwise.
+    plain = trajectory_dict(load_train_config(path))
+    assert "shrink" not in plain["data"] and "loss" not in plain["train"]
+    assert plain["optim"]["lr"] == config.optim.lr
+    assert config_hash(load_train_config(path, ["train.loss=l1"])) != base
+    assert config_hash(load_train_config(path, ["data.shrink=[0.5, 1.0]"])) != base
 
 
 @pytest.mark.parametrize(
@@ -201,6 +208,7 @@ def test_load_config_applies_overrides_and_resolves_paths(
         ("model.autoencoder=ae.safetensors", r"model: an autoencoder file needs autoencoder_params"),
         ("train.precision=fp8", r"train: precision must be one of"),
         ("train.weights_dtype=float16", r"train: weights_dtype must be one of fp32, bf16, fp16"),
+        ("train.loss=huber", r"train: loss must be one of mse, l1, got 'huber'"),
         ("name=a/b", r"name must be a plain name"),
     ],
 )
@@ -318,6 +326,16 @@ def test_pairs_are_cropped_from_the_shrunk_image(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------------------------------------
 # Runs.
+
+
+def test_l1_loss_is_what_the_run_minimises(tmp_path: Path) -> None:
+    """Same seed, same first batch and network: the L1 run logs the mean absolute error of the error
+    whose mean square the MSE run logs, so it lies between that and its square root (errors < 1)."""
+    first = {}
+    for loss in ("mse", "l1"):
+        path = _config_file(tmp_path / loss, train={"steps": 1, "loss": loss})
+        first[loss] = _losses(run_training(load_train_config(path), resume=False, quiet=True).log)[0]
+    assert first["mse"] < first["l1"] <= math.sqrt(first["mse"])
 
 
 def test_smoke_run_loss_goes_down_and_writes_checkpoints(tmp_path: Path) -> None:

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 
 Denoiser = Callable[..., torch.Tensor]
+LOSSES = ("mse", "l1")
+"""The training losses :meth:`ResShiftDiffusion.training_loss` offers."""
 
 
 def exponential_sqrt_etas(
@@ -353,12 +355,17 @@ class ResShiftDiffusion:
         t: torch.Tensor,
         noise: torch.Tensor | None = None,
         model_kwargs: Mapping[str, Any] | None = None,
+        loss: str = "mse",
     ) -> torch.Tensor:
-        """Per-sample MSE between the network's target and output at x_t ~ q(x_t | x0, y0).
+        """Per-sample loss between the network's target and output at x_t ~ q(x_t | x0, y0).
 
         ``x_start`` and ``y`` are in diffusion space (latents, or pixels for a pixel-space model).
-        With ``weighted_mse`` the loss is weighted per timestep as upstream's ELBO weights.
+        ``loss`` is "mse" (upstream's) or "l1" (the mean absolute error, which SR networks trained
+        for PSNR often prefer). With ``weighted_mse`` either is weighted per timestep as upstream's
+        ELBO weights.
         """
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {', '.join(LOSSES)}, got {loss!r}")
         if noise is None:
             noise = torch.randn_like(x_start)
         x_t = self.q_sample(x_start, y, t, noise)
@@ -369,10 +376,11 @@ class ResShiftDiffusion:
             target = y - x_start
         else:
             target = noise
-        mse = (output.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+        error = output.float() - target.float()
+        per_sample = (error.pow(2) if loss == "mse" else error.abs()).flatten(1).mean(dim=1)
         if self.weighted_mse:
-            mse = mse * self._gather(self.weight_loss_mse, t, mse).view(-1)
-        return mse
+            per_sample = per_sample * self._gather(self.weight_loss_mse, t, per_sample).view(-1)
+        return per_sample
 
 
 def _gaussian_draws(like: torch.Tensor, generator: torch.Generator | None) -> Iterator[torch.Tensor]:

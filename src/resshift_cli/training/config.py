@@ -9,8 +9,8 @@ Layout (every key can be overridden on the command line, values parsed as TOML):
     [model]                        # init, autoencoder, registry; [model.unet], [model.diffusion]
     [data]                         # train, val, crop, degradation, [data.realesrgan], ...
     [optim]                        # AdamW, warm-up and schedule, gradient clipping, EMA
-    [train]                        # steps, batch_size, device, precision, how often to log/save/validate,
-                                   # the stored dtype of the final weights
+    [train]                        # steps, batch_size, device, precision, loss, how often to log/save/
+                                   # validate, the stored dtype of the final weights
 
 Relative paths in the file are relative to the file; those given as overrides, to the current
 directory. ``model.init`` and ``model.autoencoder`` are registry names unless they look like a path
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from resshift_cli.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
+from resshift_cli.diffusion import LOSSES
 from resshift_cli.training.degradations import DegradationConfig, check_shrink_range
 
 if sys.version_info >= (3, 11):
@@ -81,6 +82,9 @@ _BOOKKEEPING: tuple[Key, ...] = (
     ("train", "weights_dtype"),
 )
 """Keys that do not change which weights a run produces; a resumed run may change them."""
+
+_ADDED_LATER: dict[Key, Any] = {("data", "shrink"): [1.0, 1.0], ("train", "loss"): "mse"}
+"""Keys added after runs had been checkpointed, with the default that matches what those runs did."""
 
 
 class TrainConfigError(Exception):
@@ -209,6 +213,7 @@ class TrainLoopConfig:
     ``precision`` bf16/fp16 (autocast; fp16 with a gradient scaler) needs CUDA. A checkpoint is
     written every ``checkpoint_every`` steps and at the end; only the ``keep_checkpoints`` newest
     are kept (0: all). ``val_every`` 0 validates only at the end (when ``data.val`` is set).
+    ``loss`` is "mse" (upstream's, the default) or "l1" (mean absolute error of the same target).
     ``weights_dtype`` (named as ``precision`` is) is the storage type of the final
     ``<name>.safetensors`` (fp16 halves the file; integer buffers are narrowed too; loading casts
     back to the model's dtypes); checkpoints always keep the model's dtypes.
@@ -223,6 +228,7 @@ class TrainLoopConfig:
     val_every: int = 1000
     keep_checkpoints: int = 3
     weights_dtype: str = "fp32"
+    loss: str = "mse"
 
     def __post_init__(self) -> None:
         _positive("steps", self.steps)
@@ -233,6 +239,7 @@ class TrainLoopConfig:
         _non_negative("val_every", self.val_every)
         _non_negative("keep_checkpoints", self.keep_checkpoints)
         _one_of("weights_dtype", self.weights_dtype, TRAIN_PRECISIONS)
+        _one_of("loss", self.loss, LOSSES)
 
 
 @dataclass(frozen=True)
@@ -442,13 +449,19 @@ def trajectory_dict(config: TrainConfig) -> dict[str, Any]:
     """The part of the configuration that decides the weights a run produces.
 
     Bookkeeping (where and how often to log, save and validate, the device) is left out, and so is
-    ``train.steps`` under a constant schedule, so a run can be resumed with those changed.
+    ``train.steps`` under a constant schedule, so a run can be resumed with those changed. Keys
+    added to the configuration later are left out at their default (what runs before them did), so
+    those runs' checkpoints still resume.
     """
     data = config.to_dict()
     for key in _BOOKKEEPING:
         _get(data, key[:-1]).pop(key[-1], None)
     if config.optim.schedule == "constant":
         data["train"].pop("steps", None)
+    for key, default in _ADDED_LATER.items():
+        parent = _get(data, key[:-1])
+        if parent.get(key[-1]) == default:
+            del parent[key[-1]]
     return data
 
 

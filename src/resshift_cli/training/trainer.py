@@ -679,7 +679,9 @@ class _Run:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self._autocast():
-            loss = diffusion.training_loss(self.net, z_start, z_y, t, noise, {"lq": cond}).mean()
+            loss = diffusion.training_loss(
+                self.net, z_start, z_y, t, noise, {"lq": cond}, loss=config.train.loss
+            ).mean()
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
