@@ -631,6 +631,36 @@ def test_interrupt_before_any_output_says_nothing_was_written(
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
+def test_interrupt_under_torchrun_names_the_rank(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Path
+) -> None:
+    """Every rank prints its own line for its own share, so the line says which rank it is."""
+    from resshift_cli.distributed import World
+
+    for i in range(4):
+        write(tmp_path / "in" / f"{i}.png", noise(16, 16, seed=i))
+    monkeypatch.setattr(World, "from_env", classmethod(lambda cls: cls(1, 2, 1)))
+    monkeypatch.setattr(World, "start", lambda self, device_type: None)  # no process group in a test
+    monkeypatch.setattr(World, "stop", lambda self: None)
+    real = tasks.super_resolve
+    calls = []
+
+    def interrupted_second(*args: Any, **kwargs: Any) -> tasks.Restored:
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "super_resolve", interrupted_second)
+    result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
+    assert result.exit_code == 130
+    assert result.stderr.strip().splitlines()[-1] == (
+        "rank 1: interrupted after 1 of 2 images; finished outputs are kept "
+        "(run the same command again to do the rest: existing outputs are skipped)"
+    )
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["1.png"]  # rank 1's share: 1.png, 3.png
+
+
 # Options ------------------------------------------------------------------------------------------
 
 

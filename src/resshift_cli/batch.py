@@ -27,19 +27,24 @@ class PlanError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in the middle of a batch, with how far it got: ``done`` of the ``total`` images to do."""
+    """Ctrl-C in the middle of a batch, with how far it got: ``done`` of the ``total`` images to do.
 
-    def __init__(self, done: int, total: int) -> None:
-        super().__init__(done, total)
+    ``rank`` is set under torchrun, where every rank reports its own share.
+    """
+
+    def __init__(self, done: int, total: int, rank: int | None = None) -> None:
+        super().__init__(done, total, rank)
         self.done = done
         self.total = total
+        self.rank = rank
 
     def message(self) -> str:
         """The one line the CLI prints; a rerun skips the outputs that exist, so it says so."""
+        who = f"rank {self.rank}: " if self.rank is not None else ""
         if not self.done:
-            return "interrupted; no output was written"
+            return f"{who}interrupted; no output was written"
         return (
-            f"interrupted after {self.done} of {self.total} images; finished outputs are kept "
+            f"{who}interrupted after {self.done} of {self.total} images; finished outputs are kept "
             "(run the same command again to do the rest: existing outputs are skipped)"
         )
 

@@ -110,7 +110,8 @@ def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[lis
                 summary.records.append(record)
                 reporter.end_image(record)
         except KeyboardInterrupt:
-            raise Interrupted(summary.count("done"), len(todo)) from None
+            rank = world.rank if world.distributed else None
+            raise Interrupted(summary.count("done"), len(todo), rank) from None
     return summary.records, False, summary.started
 
 
