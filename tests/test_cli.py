@@ -591,21 +591,27 @@ def test_cuda_exit_code_of_the_entry_point(tmp_path: Path, registry: Path) -> No
     assert not (tmp_path / "b.png").exists()
 
 
+def _interrupt_call(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
+    """Make the ``n``-th restoration raise KeyboardInterrupt (as Ctrl-C would); returns the call log."""
+    real = tasks.super_resolve
+    calls: list[int] = []
+
+    def interrupted(*args: Any, **kwargs: Any) -> tasks.Restored:
+        calls.append(1)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tasks, "super_resolve", interrupted)
+    return calls
+
+
 def test_interrupt_exits_130_and_keeps_finished_outputs(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Path
 ) -> None:
     for i in range(3):
         write(tmp_path / "in" / f"{i}.png", noise(16, 16, seed=i))
-    real = tasks.super_resolve
-    calls = []
-
-    def interrupted_second(*args: Any, **kwargs: Any) -> tasks.Restored:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tasks, "super_resolve", interrupted_second)
+    calls = _interrupt_call(monkeypatch, 2)
     result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines()[-1] == (
@@ -620,11 +626,7 @@ def test_interrupt_before_any_output_says_nothing_was_written(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Path
 ) -> None:
     write(tmp_path / "in" / "0.png", noise(16, 16, seed=0))
-
-    def interrupted(*args: Any, **kwargs: Any) -> tasks.Restored:
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(tasks, "super_resolve", interrupted)
+    _interrupt_call(monkeypatch, 1)
     result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines()[-1] == "interrupted; no output was written"
@@ -642,16 +644,7 @@ def test_interrupt_under_torchrun_names_the_rank(
     monkeypatch.setattr(World, "from_env", classmethod(lambda cls: cls(1, 2, 1)))
     monkeypatch.setattr(World, "start", lambda self, device_type: None)  # no process group in a test
     monkeypatch.setattr(World, "stop", lambda self: None)
-    real = tasks.super_resolve
-    calls = []
-
-    def interrupted_second(*args: Any, **kwargs: Any) -> tasks.Restored:
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(tasks, "super_resolve", interrupted_second)
+    _interrupt_call(monkeypatch, 2)
     result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
     assert result.exit_code == 130
     assert result.stderr.strip().splitlines()[-1] == (
