@@ -24,6 +24,7 @@ from resshift_cli.training.degradations import (
     add_poisson_noise,
     bicubic_degrade,
     bivariate_kernel,
+    differentiable_jpeg,
     jpeg_compress,
     random_crop_flip,
     random_kernel,
@@ -78,6 +79,8 @@ def test_config_defaults_are_realesrgan():
     assert (config.jpeg_range, config.jpeg_range2) == ((30, 95), (30, 95))
     assert (config.second_order_prob, config.second_blur_prob) == (1.0, 0.8)
     assert config.resize_modes == ("area", "bilinear", "bicubic")
+    # Real-ESRGAN's code differs from the paper in two places; the defaults keep the paper's.
+    assert (config.jpeg, config.resize_by_factor) == ("pillow", False)
 
 
 def test_config_is_frozen_overridable_and_validated():
@@ -98,6 +101,8 @@ def test_config_is_frozen_overridable_and_validated():
         {"second_order_prob": -0.1},
         {"resize_modes": ("nearest",)},
         {"kernel_types": ("iso", "box"), "kernel_probs": (0.5, 0.5)},
+        {"jpeg": "libjpeg"},
+        {"resize_by_factor": "yes"},
     ):
         with pytest.raises(ValueError):
             DegradationConfig(**bad)
@@ -222,6 +227,45 @@ def test_jpeg_quality_is_monotonic_on_a_photo():
     assert torch.equal(out, torch.round(out * 255) / 255)
 
 
+def _gray_image(levels: torch.Tensor) -> torch.Tensor:
+    """A (3, H, W) grey image from an (H, W) tensor of 0..255 levels: luma = the level, chroma = 0."""
+    return (levels / 255).expand(3, -1, -1).clone()
+
+
+def test_differentiable_jpeg_rounds_softly_with_libjpegs_quality_scale():
+    # A flat grey block has one DCT coefficient, DC = 8 (Y - 128), quantised by the luma table's
+    # 16 times the quality scale (1 at quality 50, 2 at 25) and rounded as round(x) + (x - round(x))^3.
+    # Y - 128 = 3.4 at quality 50: 27.2 / 16 = 1.7 -> 2 - 0.027 -> DC 31.568 -> Y = 131.946 (hard: 132).
+    out = differentiable_jpeg(_gray_image(torch.full((16, 16), 131.4)), 50)
+    torch.testing.assert_close(out * 255, torch.full((3, 16, 16), 131.946), rtol=0, atol=1e-3)
+    # Y - 128 = 9 at quality 25: 72 / 32 = 2.25 -> 2 + 0.015625 -> DC 64.5 -> Y = 136.0625 (hard: 136).
+    out = differentiable_jpeg(_gray_image(torch.full((16, 16), 137.0)), 25)
+    torch.testing.assert_close(out * 255, torch.full((3, 16, 16), 136.0625), rtol=0, atol=1e-3)
+
+
+def test_differentiable_jpeg_quantises_horizontal_frequencies_with_the_transposed_luma_table():
+    # Y = 128 + A cos((2x + 1) pi / 16) along x has one coefficient, at (row 0, column 1), of
+    # 4 sqrt(2) A. Real-ESRGAN's table is the standard one transposed, so its step there is 12, not 11:
+    # 20.4 / 12 = 1.7 -> 1.973 -> amplitude 23.676 / (4 sqrt(2)); with 11 it would be 21.97 / (4 sqrt(2)).
+    amplitude = 20.4 / (4 * math.sqrt(2))
+    wave = torch.cos((2 * torch.arange(8.0) + 1) * math.pi / 16).repeat(2)
+    out = differentiable_jpeg(_gray_image(128 + amplitude * wave.expand(16, 16)), 50) * 255
+    expected = 128 + 12 * (2 - 0.3**3) / (4 * math.sqrt(2)) * wave.expand(16, 16)
+    torch.testing.assert_close(out, expected.expand(3, -1, -1), rtol=0, atol=1e-3)
+
+
+def test_differentiable_jpeg_shapes_ranges_and_quality():
+    photo = _photos(1)[0, :, :60, :75]
+    scores = [_psnr(differentiable_jpeg(photo, q), photo) for q in (10, 30, 50, 70, 90, 95)]
+    assert scores == sorted(scores), scores
+    out = differentiable_jpeg(photo, 37.5)
+    assert out.shape == photo.shape and out.dtype == torch.float32
+    assert float(out.min()) >= 0 and float(out.max()) <= 1
+    for bad in (0, 100.5):
+        with pytest.raises(ValueError):
+            differentiable_jpeg(photo, bad)
+
+
 # --- bicubic ---------------------------------------------------------------------------------------
 
 
@@ -320,6 +364,25 @@ def test_realesrgan_identity_config_is_close_to_plain_resize():
     hq = _photos(2, size=64)
     lq = realesrgan_degrade(hq, 4, config, _gen(0))
     assert _psnr(lq, F.avg_pool2d(hq, 4)) > 35
+
+
+def test_resize_by_factor_shrinks_the_content_towards_the_top_left():
+    # A horizontal ramp through a first-round bilinear resize by a factor in [0.9, 1), then the
+    # plain (aligned) final resize: aligned, the LQ is the ramp sampled at its pixel centres; sampled
+    # at the factor but cut to the rounded-down size, the content is shrunk towards x = 0, so the
+    # values fall short of the ramp by more and more to the right.
+    fields = {**_IDENTITY, "resize_probs": (0.0, 1.0, 0.0), "resize_range": (0.9, 1.0)}
+    fields |= {"resize_modes": ("bilinear",), "jpeg": "differentiable"}
+    ramp = (torch.arange(64.0) + 0.5).div(64).expand(16, 3, 64, 64)
+    centres = (torch.arange(16.0) + 0.5).div(16)
+    for by_factor in (False, True):
+        config = DegradationConfig(resize_by_factor=by_factor, **fields)
+        lq = realesrgan_degrade(ramp, 4, config, _gen(4))[:, :, 8].mean(dim=(0, 1))
+        shortfall = (centres - lq)[1:-1] * 255
+        if by_factor:
+            assert float(shortfall[-1]) > float(shortfall[0]) + 2, shortfall
+        else:
+            assert float(shortfall.abs().max()) < 1, shortfall
 
 
 def test_second_order_prob_decides_whether_the_second_round_happens():

@@ -189,9 +189,12 @@ def test_load_config_applies_overrides_and_resolves_paths(
     # Keys added later are left out at their defaults (runs from before them resume), not otherwise.
     plain = trajectory_dict(load_train_config(path))
     assert "shrink" not in plain["data"] and "loss" not in plain["train"]
+    assert not {"jpeg", "resize_by_factor"} & set(plain["data"]["realesrgan"])
     assert plain["optim"]["lr"] == config.optim.lr
     assert config_hash(load_train_config(path, ["train.loss=l1"])) != base
     assert config_hash(load_train_config(path, ["data.shrink=[0.5, 1.0]"])) != base
+    assert config_hash(load_train_config(path, ["data.realesrgan.jpeg=differentiable"])) != base
+    assert config_hash(load_train_config(path, ["data.realesrgan.resize_by_factor=true"])) != base
 
 
 @pytest.mark.parametrize(

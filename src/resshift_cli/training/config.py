@@ -83,7 +83,12 @@ _BOOKKEEPING: tuple[Key, ...] = (
 )
 """Keys that do not change which weights a run produces; a resumed run may change them."""
 
-_ADDED_LATER: dict[Key, Any] = {("data", "shrink"): [1.0, 1.0], ("train", "loss"): "mse"}
+_ADDED_LATER: dict[Key, Any] = {
+    ("data", "shrink"): [1.0, 1.0],
+    ("train", "loss"): "mse",
+    ("data", "realesrgan", "jpeg"): "pillow",
+    ("data", "realesrgan", "resize_by_factor"): False,
+}
 """Keys added after runs had been checkpointed, with the default that matches what those runs did."""
 
 

@@ -19,8 +19,9 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import NamedTuple
 
 import numpy as np
@@ -29,6 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 __all__ = [
+    "JPEG_CODECS",
     "KERNEL_TYPES",
     "RESIZE_MODES",
     "DegradationConfig",
@@ -37,6 +39,7 @@ __all__ = [
     "bicubic_degrade",
     "bivariate_kernel",
     "check_shrink_range",
+    "differentiable_jpeg",
     "filter_image",
     "jpeg_compress",
     "random_crop_flip",
@@ -52,6 +55,10 @@ KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 """Interpolation modes the random resize chooses from (``torch.nn.functional.interpolate`` names)."""
 
+JPEG_CODECS = ("pillow", "differentiable")
+"""JPEG implementations :attr:`DegradationConfig.jpeg` names: see :func:`jpeg_compress` and
+:func:`differentiable_jpeg`."""
+
 _ODD_SIZES_7_TO_21 = (7, 9, 11, 13, 15, 17, 19, 21)
 
 
@@ -64,6 +71,14 @@ class DegradationConfig:
     the final resize, sinc filter and JPEG always happen). Noise sigmas are on the 0..255 scale. Resize
     probabilities are (up, down, keep); the scale is drawn in [1, hi] going up and [lo, 1] going down.
     Sequences given as lists are stored as tuples; inconsistent values raise ``ValueError``.
+
+    Two fields choose between a clean implementation and the one in Real-ESRGAN's training code,
+    which made the LQ of test sets such as ResShift's ImageNet one: ``jpeg`` ("pillow", a real JPEG
+    round trip, or "differentiable", Real-ESRGAN's soft-rounding JPEG: :func:`differentiable_jpeg`,
+    at a quality drawn as a real number) and ``resize_by_factor`` (False: the first round's random
+    resize maps the image onto its rounded-down new size; True: it samples at the drawn factor, as
+    ``interpolate(scale_factor=...)`` does there, so the content shrinks by up to a pixel, anchored
+    at the top-left corner, against its ground truth). The defaults keep the clean ones.
     """
 
     kernel_sizes: tuple[int, ...] = _ODD_SIZES_7_TO_21
@@ -101,6 +116,8 @@ class DegradationConfig:
     final_sinc_prob: float = 0.8
     final_kernel_sizes: tuple[int, ...] = _ODD_SIZES_7_TO_21
     resize_modes: tuple[str, ...] = RESIZE_MODES
+    jpeg: str = "pillow"
+    resize_by_factor: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -145,6 +162,10 @@ class DegradationConfig:
                 raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         if not self.resize_modes or set(self.resize_modes) - set(RESIZE_MODES):
             raise ValueError(f"resize_modes must be a non-empty subset of {RESIZE_MODES}")
+        if self.jpeg not in JPEG_CODECS:
+            raise ValueError(f"jpeg must be one of {', '.join(JPEG_CODECS)}, got {self.jpeg!r}")
+        if not isinstance(self.resize_by_factor, bool):
+            raise ValueError(f"resize_by_factor must be true or false, got {self.resize_by_factor!r}")
 
 
 def _check_probs(name: str, probs: Sequence[float], count: int) -> None:
@@ -484,20 +505,118 @@ def jpeg_compress(image: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.from_numpy(result).permute(2, 0, 1).contiguous().to(image.device)
 
 
+# The standard JPEG quantisation tables (ITU T.81, Annex K), luminance transposed as Real-ESRGAN's
+# code lays it out; the chrominance table is symmetric.
+_LUMA_TABLE = torch.tensor(
+    [
+        [16, 11, 10, 16, 24, 40, 51, 61],
+        [12, 12, 14, 19, 26, 58, 60, 55],
+        [14, 13, 16, 24, 40, 57, 69, 56],
+        [14, 17, 22, 29, 51, 87, 80, 62],
+        [18, 22, 37, 56, 68, 109, 103, 77],
+        [24, 35, 55, 64, 81, 104, 113, 92],
+        [49, 64, 78, 87, 103, 121, 120, 101],
+        [72, 92, 95, 98, 112, 100, 103, 99],
+    ],
+    dtype=torch.float64,
+).T
+_CHROMA_TABLE = torch.full((8, 8), 99.0, dtype=torch.float64)
+_CHROMA_TABLE[:4, :4] = torch.tensor(
+    [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]], dtype=torch.float64
+)
+_RGB_TO_YCBCR = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=torch.float64
+)
+_YCBCR_TO_RGB = torch.tensor(
+    [[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]], dtype=torch.float64
+)
+
+
+def _dct_matrix() -> torch.Tensor:
+    """The orthonormal 8-point DCT-II: coefficients = D @ block @ D.T."""
+    n = torch.arange(8, dtype=torch.float64)
+    matrix = torch.cos((2 * n[None, :] + 1) * n[:, None] * math.pi / 16) / 2
+    matrix[0] /= math.sqrt(2)
+    return matrix
+
+
+def _soft_round(x: torch.Tensor) -> torch.Tensor:
+    rounded = torch.round(x)
+    return rounded + (x - rounded) ** 3
+
+
+def _code_plane(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """Quantise an (H, W) plane (0..255, H and W divisible by 8) in 8x8 DCT blocks and decode it."""
+    height, width = plane.shape
+    blocks = plane.reshape(height // 8, 8, width // 8, 8).transpose(1, 2) - 128
+    dct = _dct_matrix().to(plane)
+    coefficients = dct @ blocks @ dct.T
+    coefficients = _soft_round(coefficients / table) * table
+    blocks = dct.T @ coefficients @ dct + 128
+    return blocks.transpose(1, 2).reshape(height, width)
+
+
+def differentiable_jpeg(image: torch.Tensor, quality: float) -> torch.Tensor:
+    """The JPEG of Real-ESRGAN's training code (its ``DiffJPEG``) on a (3, H, W) image in [0, 1].
+
+    A JPEG round trip in floating point: YCbCr, chroma averaged over 2x2, 8x8 DCT blocks (the image
+    zero-padded to a multiple of 16) quantised by the standard tables scaled for ``quality`` (a real
+    number in (0, 100], scaled as libjpeg does but not rounded to whole steps; steps below 1, from
+    quality 96 up, are raised to 1 as libjpeg's) and rounded softly,
+    ``round(x) + (x - round(x))**3``, then decoded with the chroma repeated over 2x2. The soft rounding
+    keeps part of what hard rounding drops, so blocks are fainter than a real JPEG's at the same
+    quality. Returns float32 in [0, 1], not rounded to 8-bit levels.
+    """
+    if not 0 < quality <= 100:
+        raise ValueError(f"JPEG quality must be in (0, 100], got {quality}")
+    height, width = image.shape[-2:]
+    scale = (5000 / quality if quality < 50 else 200 - 2 * quality) / 100
+    pixels = F.pad(image.detach().to(torch.float64).clamp(0, 1) * 255, (0, -width % 16, 0, -height % 16))
+    ycbcr = torch.einsum("ij,jhw->ihw", _RGB_TO_YCBCR.to(pixels.device), pixels)
+    ycbcr[1:] += 128
+    luma_table, chroma_table = (
+        (t * scale).clamp(min=1).to(pixels.device) for t in (_LUMA_TABLE, _CHROMA_TABLE)
+    )
+    luma = _code_plane(ycbcr[0], luma_table)
+    chroma = F.avg_pool2d(ycbcr[1:][None], 2)[0]
+    chroma = torch.stack([_code_plane(c, chroma_table) for c in chroma])
+    chroma = chroma.repeat_interleave(2, dim=1).repeat_interleave(2, dim=2) - 128
+    decoded = torch.einsum("ij,jhw->ihw", _YCBCR_TO_RGB.to(pixels.device), torch.cat([luma[None], chroma]))
+    return (decoded.clamp(0, 255) / 255)[:, :height, :width].float()
+
+
 # ---------------------------------------------------------------------------------------------------
 # The Real-ESRGAN pipeline.
 
 
-def _random_size(generator: torch.Generator, params: _Stage, height: float, width: float) -> tuple[int, int]:
+def _random_factor(generator: torch.Generator, params: _Stage) -> float:
     direction = _choice(generator, ("up", "down", "keep"), params.resize_probs)
     lo, hi = params.resize_range
     if direction == "up":
-        factor = _uniform(generator, 1.0, hi)
-    elif direction == "down":
-        factor = _uniform(generator, lo, 1.0)
-    else:
-        factor = 1.0
+        return _uniform(generator, 1.0, hi)
+    if direction == "down":
+        return _uniform(generator, lo, 1.0)
+    return 1.0
+
+
+def _scaled_size(height: float, width: float, factor: float) -> tuple[int, int]:
     return max(1, int(height * factor)), max(1, int(width * factor))
+
+
+def _resize_by_factor(image: torch.Tensor, factor: float, mode: str) -> torch.Tensor:
+    """Resize as ``interpolate(scale_factor=factor)``: sampled at ``factor``, not at the size's ratio."""
+    if factor == 1.0 or mode == "area" or min(_scaled_size(*image.shape[-2:], factor)) < 2:
+        return _resize(image, _scaled_size(*image.shape[-2:], factor), mode)
+    return F.interpolate(image[None], scale_factor=factor, mode=mode, align_corners=False)[0]
+
+
+def _random_jpeg(
+    generator: torch.Generator, config: DegradationConfig, params: _Stage
+) -> Callable[[torch.Tensor], torch.Tensor]:
+    """JPEG at a quality drawn now, from the stage's range: whole for Pillow, real as Real-ESRGAN's."""
+    if config.jpeg == "differentiable":
+        return partial(differentiable_jpeg, quality=_uniform(generator, *params.jpeg_range))
+    return partial(jpeg_compress, quality=_randint(generator, *params.jpeg_range))
 
 
 def _random_noise(image: torch.Tensor, generator: torch.Generator, params: _Stage) -> torch.Tensor:
@@ -521,15 +640,19 @@ def _degrade_one(
     height, width = hq.shape[-2:]
 
     out = filter_image(hq, random_kernel(config, generator, stage=1))
-    out = _resize(out, _random_size(generator, first, height, width), _choice(generator, config.resize_modes))
+    factor, mode = _random_factor(generator, first), _choice(generator, config.resize_modes)
+    if config.resize_by_factor:
+        out = _resize_by_factor(out, factor, mode)
+    else:
+        out = _resize(out, _scaled_size(height, width, factor), mode)
     out = _random_noise(out, generator, first)
-    out = jpeg_compress(out, _randint(generator, *first.jpeg_range))
+    out = _random_jpeg(generator, config, first)(out)
 
     # No draw when the second round always happens, so the Real-ESRGAN default keeps its sequence.
     if config.second_order_prob >= 1.0 or _rand(generator) < config.second_order_prob:
         if _rand(generator) < config.second_blur_prob:
             out = filter_image(out, random_kernel(config, generator, stage=2))
-        size = _random_size(generator, second, height / scale, width / scale)
+        size = _scaled_size(height / scale, width / scale, _random_factor(generator, second))
         out = _resize(out, size, _choice(generator, config.resize_modes))
         out = _random_noise(out, generator, second)
 
@@ -537,15 +660,15 @@ def _degrade_one(
     if _rand(generator) < config.final_sinc_prob:
         cutoff = _uniform(generator, math.pi / 3, math.pi)
         sinc = sinc_kernel(cutoff, _choice(generator, config.final_kernel_sizes))
-    quality = _randint(generator, *second.jpeg_range)
+    compress = _random_jpeg(generator, config, second)
     mode = _choice(generator, config.resize_modes)
     if _rand(generator) < 0.5:
         out = _resize(out, lq_size, mode)
         if sinc is not None:
             out = filter_image(out, sinc)
-        out = jpeg_compress(out, quality)
+        out = compress(out)
     else:
-        out = jpeg_compress(out, quality)
+        out = compress(out)
         out = _resize(out, lq_size, mode)
         if sinc is not None:
             out = filter_image(out, sinc)
