@@ -24,13 +24,13 @@ from resshift_cli.training.degradations import (
     add_poisson_noise,
     bicubic_degrade,
     bivariate_kernel,
-    differentiable_jpeg,
     jpeg_compress,
     random_crop_flip,
     random_kernel,
     random_shrink,
     realesrgan_degrade,
     sinc_kernel,
+    torch_jpeg,
 )
 
 TRAINDATA = Path("/work/shared/traindata/bsds500")
@@ -232,38 +232,43 @@ def _gray_image(levels: torch.Tensor) -> torch.Tensor:
     return (levels / 255).expand(3, -1, -1).clone()
 
 
-def test_differentiable_jpeg_rounds_softly_with_libjpegs_quality_scale():
+def test_torch_jpeg_quantises_with_fractional_steps_of_libjpegs_quality_scale():
     # A flat grey block has one DCT coefficient, DC = 8 (Y - 128), quantised by the luma table's
-    # 16 times the quality scale (1 at quality 50, 2 at 25) and rounded as round(x) + (x - round(x))^3.
-    # Y - 128 = 3.4 at quality 50: 27.2 / 16 = 1.7 -> 2 - 0.027 -> DC 31.568 -> Y = 131.946 (hard: 132).
-    out = differentiable_jpeg(_gray_image(torch.full((16, 16), 131.4)), 50)
-    torch.testing.assert_close(out * 255, torch.full((3, 16, 16), 131.946), rtol=0, atol=1e-3)
-    # Y - 128 = 9 at quality 25: 72 / 32 = 2.25 -> 2 + 0.015625 -> DC 64.5 -> Y = 136.0625 (hard: 136).
-    out = differentiable_jpeg(_gray_image(torch.full((16, 16), 137.0)), 25)
-    torch.testing.assert_close(out * 255, torch.full((3, 16, 16), 136.0625), rtol=0, atol=1e-3)
+    # 16 times the quality scale: 5000 / 37.5 / 100 = 4/3 at quality 37.5, a step of 21.333 where
+    # libjpeg's whole-number table has 21. Y - 128 = 3.9: 31.2 / 21.333 = 1.46 -> 1 -> Y = 128 + 2.667
+    # (with the step 21: 130.625).
+    out = torch_jpeg(_gray_image(torch.full((16, 16), 131.9)), 37.5)
+    torch.testing.assert_close(out * 255, torch.full((3, 16, 16), 128 + 64 / 3 / 8), rtol=0, atol=1e-3)
+    # Y - 128 = 9 at quality 25 (scale 2, step 32): 72 / 32 = 2.25 -> 2 -> Y = 136; nothing is rounded
+    # to 8-bit levels, so at quality 95 (step 1.6) Y = 140.35 stays fractional: 8 x 12.35 / 1.6
+    # = 61.75 -> 62 -> Y = 128 + 12.4.
+    out = torch_jpeg(_gray_image(torch.full((16, 16), 137.0)), 25)
+    torch.testing.assert_close(out * 255, torch.full((3, 16, 16), 136.0), rtol=0, atol=1e-3)
+    out = torch_jpeg(_gray_image(torch.full((16, 16), 140.35)), 95)
+    torch.testing.assert_close(out * 255, torch.full((3, 16, 16), 140.4), rtol=0, atol=1e-3)
 
 
-def test_differentiable_jpeg_quantises_horizontal_frequencies_with_the_transposed_luma_table():
+def test_torch_jpeg_quantises_horizontal_frequencies_with_the_transposed_luma_table():
     # Y = 128 + A cos((2x + 1) pi / 16) along x has one coefficient, at (row 0, column 1), of
     # 4 sqrt(2) A. Real-ESRGAN's table is the standard one transposed, so its step there is 12, not 11:
-    # 20.4 / 12 = 1.7 -> 1.973 -> amplitude 23.676 / (4 sqrt(2)); with 11 it would be 21.97 / (4 sqrt(2)).
+    # 20.4 / 12 = 1.7 -> 2 -> amplitude 24 / (4 sqrt(2)); with 11 it would be 22 / (4 sqrt(2)).
     amplitude = 20.4 / (4 * math.sqrt(2))
     wave = torch.cos((2 * torch.arange(8.0) + 1) * math.pi / 16).repeat(2)
-    out = differentiable_jpeg(_gray_image(128 + amplitude * wave.expand(16, 16)), 50) * 255
-    expected = 128 + 12 * (2 - 0.3**3) / (4 * math.sqrt(2)) * wave.expand(16, 16)
+    out = torch_jpeg(_gray_image(128 + amplitude * wave.expand(16, 16)), 50) * 255
+    expected = 128 + 24 / (4 * math.sqrt(2)) * wave.expand(16, 16)
     torch.testing.assert_close(out, expected.expand(3, -1, -1), rtol=0, atol=1e-3)
 
 
-def test_differentiable_jpeg_shapes_ranges_and_quality():
+def test_torch_jpeg_shapes_ranges_and_quality():
     photo = _photos(1)[0, :, :60, :75]
-    scores = [_psnr(differentiable_jpeg(photo, q), photo) for q in (10, 30, 50, 70, 90, 95)]
+    scores = [_psnr(torch_jpeg(photo, q), photo) for q in (10, 30, 50, 70, 90, 95)]
     assert scores == sorted(scores), scores
-    out = differentiable_jpeg(photo, 37.5)
+    out = torch_jpeg(photo, 37.5)
     assert out.shape == photo.shape and out.dtype == torch.float32
     assert float(out.min()) >= 0 and float(out.max()) <= 1
     for bad in (0, 100.5):
         with pytest.raises(ValueError):
-            differentiable_jpeg(photo, bad)
+            torch_jpeg(photo, bad)
 
 
 # --- bicubic ---------------------------------------------------------------------------------------
@@ -372,7 +377,7 @@ def test_resize_by_factor_shrinks_the_content_towards_the_top_left():
     # at the factor but cut to the rounded-down size, the content is shrunk towards x = 0, so the
     # values fall short of the ramp by more and more to the right.
     fields = {**_IDENTITY, "resize_probs": (0.0, 1.0, 0.0), "resize_range": (0.9, 1.0)}
-    fields |= {"resize_modes": ("bilinear",), "jpeg": "differentiable"}
+    fields |= {"resize_modes": ("bilinear",), "jpeg": "torch"}
     ramp = (torch.arange(64.0) + 0.5).div(64).expand(16, 3, 64, 64)
     centres = (torch.arange(16.0) + 0.5).div(16)
     for by_factor in (False, True):

@@ -193,7 +193,7 @@ def test_load_config_applies_overrides_and_resolves_paths(
     assert plain["optim"]["lr"] == config.optim.lr
     assert config_hash(load_train_config(path, ["train.loss=l1"])) != base
     assert config_hash(load_train_config(path, ["data.shrink=[0.5, 1.0]"])) != base
-    assert config_hash(load_train_config(path, ["data.realesrgan.jpeg=differentiable"])) != base
+    assert config_hash(load_train_config(path, ["data.realesrgan.jpeg=torch"])) != base
     assert config_hash(load_train_config(path, ["data.realesrgan.resize_by_factor=true"])) != base
 
 

@@ -39,7 +39,6 @@ __all__ = [
     "bicubic_degrade",
     "bivariate_kernel",
     "check_shrink_range",
-    "differentiable_jpeg",
     "filter_image",
     "jpeg_compress",
     "random_crop_flip",
@@ -47,6 +46,7 @@ __all__ = [
     "random_shrink",
     "realesrgan_degrade",
     "sinc_kernel",
+    "torch_jpeg",
 ]
 
 KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau_iso", "plateau_aniso")
@@ -55,9 +55,9 @@ KERNEL_TYPES = ("iso", "aniso", "generalized_iso", "generalized_aniso", "plateau
 RESIZE_MODES = ("area", "bilinear", "bicubic")
 """Interpolation modes the random resize chooses from (``torch.nn.functional.interpolate`` names)."""
 
-JPEG_CODECS = ("pillow", "differentiable")
+JPEG_CODECS = ("pillow", "torch")
 """JPEG implementations :attr:`DegradationConfig.jpeg` names: see :func:`jpeg_compress` and
-:func:`differentiable_jpeg`."""
+:func:`torch_jpeg`."""
 
 _ODD_SIZES_7_TO_21 = (7, 9, 11, 13, 15, 17, 19, 21)
 
@@ -74,8 +74,8 @@ class DegradationConfig:
 
     Two fields choose between a clean implementation and the one in Real-ESRGAN's training code,
     which made the LQ of test sets such as ResShift's ImageNet one: ``jpeg`` ("pillow", a real JPEG
-    round trip, or "differentiable", Real-ESRGAN's soft-rounding JPEG: :func:`differentiable_jpeg`,
-    at a quality drawn as a real number) and ``resize_by_factor`` (False: the first round's random
+    round trip, or "torch", Real-ESRGAN's JPEG in floating point: :func:`torch_jpeg`, at a quality
+    drawn as a real number) and ``resize_by_factor`` (False: the first round's random
     resize maps the image onto its rounded-down new size; True: it samples at the drawn factor, as
     ``interpolate(scale_factor=...)`` does there, so the content shrinks by up to a pixel, anchored
     at the top-left corner, against its ground truth). The defaults keep the clean ones.
@@ -540,32 +540,26 @@ def _dct_matrix() -> torch.Tensor:
     return matrix
 
 
-def _soft_round(x: torch.Tensor) -> torch.Tensor:
-    rounded = torch.round(x)
-    return rounded + (x - rounded) ** 3
-
-
 def _code_plane(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Quantise an (H, W) plane (0..255, H and W divisible by 8) in 8x8 DCT blocks and decode it."""
     height, width = plane.shape
     blocks = plane.reshape(height // 8, 8, width // 8, 8).transpose(1, 2) - 128
     dct = _dct_matrix().to(plane)
     coefficients = dct @ blocks @ dct.T
-    coefficients = _soft_round(coefficients / table) * table
+    coefficients = torch.round(coefficients / table) * table
     blocks = dct.T @ coefficients @ dct + 128
     return blocks.transpose(1, 2).reshape(height, width)
 
 
-def differentiable_jpeg(image: torch.Tensor, quality: float) -> torch.Tensor:
-    """The JPEG of Real-ESRGAN's training code (its ``DiffJPEG``) on a (3, H, W) image in [0, 1].
+def torch_jpeg(image: torch.Tensor, quality: float) -> torch.Tensor:
+    """JPEG as Real-ESRGAN's training code computes it in torch, on a (3, H, W) image in [0, 1].
 
     A JPEG round trip in floating point: YCbCr, chroma averaged over 2x2, 8x8 DCT blocks (the image
     zero-padded to a multiple of 16) quantised by the standard tables scaled for ``quality`` (a real
     number in (0, 100], scaled as libjpeg does but not rounded to whole steps; steps below 1, from
-    quality 96 up, are raised to 1 as libjpeg's) and rounded softly,
-    ``round(x) + (x - round(x))**3``, then decoded with the chroma repeated over 2x2. The soft rounding
-    keeps part of what hard rounding drops, so blocks are fainter than a real JPEG's at the same
-    quality. Returns float32 in [0, 1], not rounded to 8-bit levels.
+    quality 96 up, are raised to 1 as libjpeg's), decoded with the chroma repeated over 2x2. Unlike
+    a file's JPEG (:func:`jpeg_compress`) nothing is rounded to 8-bit levels and the quantisation
+    steps are fractional. Returns float32 in [0, 1].
     """
     if not 0 < quality <= 100:
         raise ValueError(f"JPEG quality must be in (0, 100], got {quality}")
@@ -614,8 +608,8 @@ def _random_jpeg(
     generator: torch.Generator, config: DegradationConfig, params: _Stage
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     """JPEG at a quality drawn now, from the stage's range: whole for Pillow, real as Real-ESRGAN's."""
-    if config.jpeg == "differentiable":
-        return partial(differentiable_jpeg, quality=_uniform(generator, *params.jpeg_range))
+    if config.jpeg == "torch":
+        return partial(torch_jpeg, quality=_uniform(generator, *params.jpeg_range))
     return partial(jpeg_compress, quality=_randint(generator, *params.jpeg_range))
 
 
