@@ -598,7 +598,11 @@ def _scaled_size(height: float, width: float, factor: float) -> tuple[int, int]:
 
 
 def _resize_by_factor(image: torch.Tensor, factor: float, mode: str) -> torch.Tensor:
-    """Resize as ``interpolate(scale_factor=factor)``: sampled at ``factor``, not at the size's ratio."""
+    """Resize as ``interpolate(scale_factor=factor)``: sampled at ``factor``, not at the size's ratio.
+
+    Area resizing pools over the whole image whatever the factor (so the aligned resize gives the
+    same), and a size under 2 pixels has no stretch to show: both take the aligned resize.
+    """
     if factor == 1.0 or mode == "area" or min(_scaled_size(*image.shape[-2:], factor)) < 2:
         return _resize(image, _scaled_size(*image.shape[-2:], factor), mode)
     return F.interpolate(image[None], scale_factor=factor, mode=mode, align_corners=False)[0]
