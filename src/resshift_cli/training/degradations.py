@@ -540,11 +540,14 @@ def _dct_matrix() -> torch.Tensor:
     return matrix
 
 
+_DCT = _dct_matrix()
+
+
 def _code_plane(plane: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
     """Quantise an (H, W) plane (0..255, H and W divisible by 8) in 8x8 DCT blocks and decode it."""
     height, width = plane.shape
     blocks = plane.reshape(height // 8, 8, width // 8, 8).transpose(1, 2) - 128
-    dct = _dct_matrix().to(plane)
+    dct = _DCT.to(plane)
     coefficients = dct @ blocks @ dct.T
     coefficients = torch.round(coefficients / table) * table
     blocks = dct.T @ coefficients @ dct + 128
@@ -603,8 +606,9 @@ def _resize_by_factor(image: torch.Tensor, factor: float, mode: str) -> torch.Te
     Area resizing pools over the whole image whatever the factor (so the aligned resize gives the
     same), and a size under 2 pixels has no stretch to show: both take the aligned resize.
     """
-    if factor == 1.0 or mode == "area" or min(_scaled_size(*image.shape[-2:], factor)) < 2:
-        return _resize(image, _scaled_size(*image.shape[-2:], factor), mode)
+    size = _scaled_size(*image.shape[-2:], factor)
+    if factor == 1.0 or mode == "area" or min(size) < 2:
+        return _resize(image, size, mode)
     return F.interpolate(image[None], scale_factor=factor, mode=mode, align_corners=False)[0]
 
 
