@@ -65,13 +65,16 @@ def stretch(lq: torch.Tensor, truth: torch.Tensor) -> float:
     """The k in STRETCHES for which bicubic(lq) sampled at (x + 1/2)(1 + k) is closest to ``truth``."""
     up = F.interpolate(lq[None], scale_factor=4, mode="bicubic", align_corners=False)
     height, width = up.shape[-2:]
-    ys = torch.arange(height, dtype=torch.float64) + 0.5
-    xs = torch.arange(width, dtype=torch.float64) + 0.5
+    rows, columns = torch.meshgrid(
+        (torch.arange(height, dtype=torch.float64) + 0.5) / height,
+        (torch.arange(width, dtype=torch.float64) + 0.5) / width,
+        indexing="ij",
+    )
+    centres = torch.stack([columns, rows], -1)  # pixel centres, 0..1 across the image
     errors = []
     for k in STRETCHES:
-        rows, columns = torch.meshgrid(ys * (1 + k) / height, xs * (1 + k) / width, indexing="ij")
-        grid = torch.stack([columns, rows], -1)
-        warped = F.grid_sample(up, (grid * 2 - 1)[None].float(), mode="bicubic", align_corners=False)[0]
+        grid = (centres * (1 + k) * 2 - 1)[None].float()
+        warped = F.grid_sample(up, grid, mode="bicubic", align_corners=False)[0]
         inner = (warped.clamp(0, 1) - truth)[:, 2 * BORDER : -2 * BORDER, 2 * BORDER : -2 * BORDER]
         errors.append(float(inner.pow(2).mean()))
     return float(STRETCHES[int(np.argmin(errors))])
