@@ -449,9 +449,18 @@ def bicubic_degrade(hq: torch.Tensor, scale: int, *, quantise: bool = True) -> t
 # Noise and JPEG.
 
 
+# BT.601 full-range colour transforms (JFIF's): the luma row also makes gray noise.
+_RGB_TO_YCBCR = torch.tensor(
+    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=torch.float64
+)
+_YCBCR_TO_RGB = torch.tensor(
+    [[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]], dtype=torch.float64
+)
+
+
 def _gray(image: torch.Tensor) -> torch.Tensor:
     """(1, H, W) luma of a (3, H, W) image with the BT.601 weights."""
-    weights = torch.tensor([0.299, 0.587, 0.114], dtype=image.dtype, device=image.device)
+    weights = _RGB_TO_YCBCR[0].to(image)
     return (image * weights[:, None, None]).sum(dim=0, keepdim=True)
 
 
@@ -523,12 +532,6 @@ _LUMA_TABLE = torch.tensor(
 _CHROMA_TABLE = torch.full((8, 8), 99.0, dtype=torch.float64)
 _CHROMA_TABLE[:4, :4] = torch.tensor(
     [[17, 18, 24, 47], [18, 21, 26, 66], [24, 26, 56, 99], [47, 66, 99, 99]], dtype=torch.float64
-)
-_RGB_TO_YCBCR = torch.tensor(
-    [[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=torch.float64
-)
-_YCBCR_TO_RGB = torch.tensor(
-    [[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]], dtype=torch.float64
 )
 
 
