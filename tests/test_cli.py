@@ -369,7 +369,8 @@ def test_entry_point_json_and_partial_failure(tmp_path: Path, registry: Path) ->
     assert proc.returncode == 1, proc.stderr
     assert_rounds_to(read(out / "a.png"), sample("sr-tiny", pixels))
     assert not (out / "b.png").exists()
-    first, second = records(proc.stdout)
+    # An input whose header is unreadable fails before the model is loaded, so its record comes first.
+    second, first = records(proc.stdout)
     assert set(first) == set(second) == RECORD_KEYS
     assert first["input"] == str(good) and first["output"] == str(out / "a.png")
     assert first["status"] == "done" and first["size"] == [24, 16] and first["output_size"] == [96, 64]
@@ -722,7 +723,7 @@ def test_max_pixels(tmp_path: Path, registry: Path) -> None:
     write(tmp_path / "in" / "b.png", noise(16, 24))
     result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out", "--max-pixels", 300, "--json")
     assert result.exit_code == 1
-    done, refused = records(result.stdout)
+    refused, done = records(result.stdout)  # refused from its header, before the model runs
     assert done["input"] == str(small) and done["status"] == "done"
     assert refused["status"] == "failed" and "above the limit of 300" in refused["error"]
     assert "--max-pixels" in refused["error"]
@@ -927,7 +928,7 @@ def test_inpaint_batch_with_a_mask_directory(tmp_path: Path, registry: Path) -> 
         "inpaint", registry, tmp_path / "in", "--mask", tmp_path / "masks", "-o", tmp_path / "out", "--json"
     )
     assert result.exit_code == 1
-    a, b, c = records(result.stdout)
+    c, a, b = records(result.stdout)  # the wrong mask is found from headers, before the model runs
     assert (a["status"], b["status"], c["status"]) == ("done", "done", "failed")
     assert c["error"] == "mask is 32x32 but the image is 64x64"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a.png", "b.png"]

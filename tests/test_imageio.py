@@ -159,7 +159,8 @@ def test_broken_exif_does_not_make_the_image_unreadable(
     monkeypatch.setattr(imageio.ImageOps, "exif_transpose", broken)
     loaded = load_image(tmp_path / "in.png")
     assert loaded.size == (6, 4)
-    assert len(loaded.notices) == 1 and "EXIF" in loaded.notices[0] and "in.png" in loaded.notices[0]
+    # The caller names the file (the CLI prefixes every notice with the input), the notice does not.
+    assert len(loaded.notices) == 1 and "EXIF" in loaded.notices[0] and "in.png" not in loaded.notices[0]
 
 
 @pytest.mark.parametrize("suffix", [".png", ".jpg", ".webp", ".tif"])
@@ -443,7 +444,7 @@ def test_animated_gif_gives_first_frame_and_a_notice(tmp_path: Path) -> None:
     assert np.allclose(loaded.rgb[4, 4], (1, 0, 0))
     assert len(loaded.notices) == 1
     assert "3 frames" in loaded.notices[0] and "first" in loaded.notices[0]
-    assert "anim.gif" in loaded.notices[0]
+    assert "anim.gif" not in loaded.notices[0]
 
 
 def test_animated_png_gives_first_frame_and_a_notice(tmp_path: Path) -> None:

@@ -86,6 +86,7 @@ import re
 import signal
 import struct
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -97,7 +98,7 @@ import numpy as np
 import pytest
 import torch
 from hubserver import HubServer
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 from reference import reference_path
@@ -271,9 +272,10 @@ def test_bad_and_odd_images_in_one_batch(tmp_path: Path, registry: Path) -> None
         assert any("3 frames; only the first is used" in n for n in by_name[name]["notices"])
     assert any("CMYK" in n for n in by_name["cmyk.jpg"]["notices"])
     # Pillow's warning about the damaged tag is a one-line notice, not Python's two-line warning.
-    assert by_name["damaged.tif"]["notices"] == [
-        f"{src / 'damaged.tif'}: Tag data larger than file. Skipping tag 270"
-    ]
+    assert by_name["damaged.tif"]["notices"] == ["Tag data larger than file. Skipping tag 270"]
+    # Each notice names its input once, at the start of the line.
+    assert f"note: {src / 'damaged.tif'}: Tag data larger than file. Skipping tag 270\n" in proc.stderr
+    assert proc.stderr.count(str(src / "damaged.tif")) == 1
     assert "Warning" not in proc.stderr and "warnings.warn" not in proc.stderr
     assert "note:" in proc.stderr and "3 frames" in proc.stderr
     # The summary lists the non-image files by name.
@@ -449,12 +451,20 @@ def test_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Pa
     assert leftovers(out) == []
 
 
+@pytest.mark.parametrize(
+    ("signum", "said"),
+    [
+        (signal.SIGINT, "interrupted after "),
+        (signal.SIGTERM, "terminated by SIGTERM after "),
+        (signal.SIGHUP, "terminated by SIGHUP after "),
+    ],
+)
 def test_ctrl_c_keeps_finished_outputs_and_a_rerun_completes(
-    tmp_path: Path,
-    registry: Path,
+    tmp_path: Path, registry: Path, signum: int, said: str
 ) -> None:
-    """A real SIGINT to a batch once its first output appears: exit 130, finished outputs complete,
-    no temporary file anywhere; the re-run (no --overwrite) skips those and restores the rest."""
+    """A real SIGINT, SIGTERM or SIGHUP to a batch once its first output appears: exit 128 + N,
+    one line saying how far it got, finished outputs complete, no temporary file anywhere; the
+    re-run (no --overwrite) skips those and restores the rest."""
     for i in range(4):
         write(tmp_path / "in" / f"{i}.png", noise(48, 48, seed=i))
     out = tmp_path / "out"
@@ -471,14 +481,14 @@ def test_ctrl_c_keeps_finished_outputs_and_a_rerun_completes(
         while not (out / "0.png").exists() and proc.poll() is None and time.monotonic() < deadline:
             time.sleep(0.02)
         assert (out / "0.png").exists() and proc.poll() is None, "no output appeared before the end"
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         _, stderr = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, stderr
-    assert "interrupted after " in stderr and "finished outputs are kept" in stderr
+    assert proc.returncode == 128 + signum, stderr
+    assert said in stderr and "finished outputs are kept" in stderr
     assert "Traceback" not in stderr
     assert leftovers(out) == []
     finished = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -894,3 +904,221 @@ def test_cli_on_mutated_images(registry: Path, case: tuple[str, bytes]) -> None:
             assert record["status"] == "failed"
             assert_one_line_errors(result.stderr, {src: record["error"]})
             assert not out.exists() or not any(out.iterdir())
+
+
+# Paths, signals, sizes, numbers, order of checks (the second pass) --------------------------------
+
+PATH_PARTS = ("in", "out", "new", "newer", "link", "..", ".")
+
+
+@st.composite
+def output_paths(draw: st.DrawFn) -> tuple[str, str]:
+    """A relative ``-o`` through existing, missing and symlinked folders, with ``..`` anywhere,
+    ending in a file or folder name; and a --suffix, some holding a separator or ``..``."""
+    parts = draw(st.lists(st.sampled_from(PATH_PARTS), max_size=5))
+    last = draw(st.sampled_from(["a.png", "b.png", "c.png", "a.jpg", "out", "in", ".."]))
+    suffix = draw(st.sampled_from(["", "_x4", "/..", "/../../in/a", "..", "/", "x/y"]))
+    return "/".join([*parts, last]), suffix
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=output_paths(), overwrite_inputs=st.booleans())
+@example(case=("out/new/../a.png", ""), overwrite_inputs=False)
+@example(case=("out/new/../b.png", ""), overwrite_inputs=False)
+@example(case=("new/newer/../../in/a.png", ""), overwrite_inputs=False)
+@example(case=("out/link/../in/c.png", ""), overwrite_inputs=False)
+@example(case=("link/new/..", ""), overwrite_inputs=True)
+@example(case=("out/new", "/../../b"), overwrite_inputs=True)
+@example(case=("out/new", "/../../../in/c"), overwrite_inputs=True)
+def test_no_output_path_replaces_an_input_or_an_existing_file(
+    registry: Path, monkeypatch: pytest.MonkeyPatch, case: tuple[str, str], overwrite_inputs: bool
+) -> None:
+    """Whatever relative -o and --suffix (``..``, symlinks, folders that do not exist yet), a run
+    without --overwrite never replaces an input or a file that exists, never writes outside its
+    sandbox (the paths climb at most seven levels), leaves no temporary file, and fails with a
+    usage error or a one-line error, never a traceback."""
+    output, suffix = case
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp, *"1234567") / "work"
+        inputs = root / "in"
+        write(inputs / "a.png", noise(8, 8, seed=1))
+        write(inputs / "c.png", noise(8, 8, seed=2))
+        write(root / "out" / "b.png", noise(8, 8, seed=3))
+        write(root / "out" / "a.png", noise(8, 8, seed=4))
+        (root / "out" / "link").symlink_to(inputs, target_is_directory=True)
+        (root / "link").symlink_to(root / "out", target_is_directory=True)
+        before = {p: p.read_bytes() for p in root.rglob("*") if p.is_file() and not p.is_symlink()}
+        monkeypatch.chdir(root)
+        given_inputs = [inputs] if overwrite_inputs else [inputs / "a.png"]
+        result = restore("sr", registry, *given_inputs, "-o", output, "--suffix", suffix, "--json")
+        assert "Traceback" not in result.stdout + result.stderr
+        event(f"exit {result.exit_code}")
+        assert result.exit_code in (0, 1, 2), result.stderr
+        for path, data in before.items():
+            assert path.read_bytes() == data, f"{path} was replaced by -o {output!r} --suffix {suffix!r}"
+        written = {p for p in Path(tmp).rglob("*") if p.is_file() and not p.is_symlink()} - set(before)
+        for path in written:
+            assert path.is_relative_to(tmp) and not path.name.startswith("."), path
+
+
+def test_suffix_with_a_separator_and_empty_output_are_usage_errors(tmp_path: Path, registry: Path) -> None:
+    """A --suffix holding a path separator would write outside -o; -o "" would mean the current
+    folder: both are usage errors naming the option, and nothing is written."""
+    src = write(tmp_path / "in" / "a.png", noise(8, 8))
+    for args in (["-o", tmp_path / "out", "--suffix", "/../x"], ["-o", ""]):
+        result = restore("sr", registry, src, *args)
+        assert result.exit_code == 2, result.stderr
+        assert "--suffix" in result.stderr or "'-o'" in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+
+
+def test_the_same_input_given_three_times_is_restored_once(tmp_path: Path, registry: Path) -> None:
+    src = write(tmp_path / "in" / "a.png", noise(8, 8))
+    result = restore(
+        "sr", registry, src, src, tmp_path / "in" / ".." / "in" / "a.png", "-o", tmp_path / "out", "--json"
+    )
+    assert result.exit_code == 0, result.stderr
+    assert len(records(result.stdout)) == 1
+    assert f"{src} was given 3 times; it is restored once" in result.stderr
+
+
+def test_a_killed_runs_temporary_files_are_removed_by_the_next(tmp_path: Path, registry: Path) -> None:
+    """After SIGKILL a hidden temporary file stays beside the outputs; the next run over the same
+    outputs removes it (its process is gone), and leaves one of a live process alone."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / f".a.png.{dead.pid}-0123abcd.tmp"
+    stale.write_bytes(b"")
+    live = out / f".a.png.{os.getpid()}-0123abcd.tmp"
+    live.write_bytes(b"")
+    write(out / "b.png", noise(32, 32))  # exists, so its input is skipped
+    stale_of_skipped = out / f".b.png.{dead.pid}-89abcdef.tmp"
+    stale_of_skipped.write_bytes(b"")
+    write(tmp_path / "in" / "a.png", noise(8, 8))
+    write(tmp_path / "in" / "b.png", noise(8, 8))
+    result = restore("sr", registry, tmp_path / "in", "-o", out)
+    assert result.exit_code == 0, result.stderr
+    assert not stale.exists() and not stale_of_skipped.exists()
+    assert live.exists()
+    assert sorted(p.name for p in out.iterdir()) == sorted(["a.png", "b.png", live.name])
+
+
+def test_interrupt_message_of_an_overwrite_run() -> None:
+    """After Ctrl-C in an --overwrite run, a rerun as it was would redo everything: the message says
+    how to do only the rest instead of promising that existing outputs are skipped."""
+    from resshift_cli.batch import Interrupted
+
+    plain = Interrupted(2, 5, signum=signal.SIGINT).message()
+    again = Interrupted(2, 5, signum=signal.SIGTERM, overwrite=True).message()
+    assert plain.startswith("interrupted after 2 of 5 images") and "existing outputs are skipped" in plain
+    assert again.startswith("terminated by SIGTERM after 2 of 5 images")
+    assert "skipped" not in again and "without --overwrite" in again
+
+
+@pytest.mark.parametrize("seed", [2**64, -1, 10**30])
+def test_seed_out_of_range_is_a_usage_error(tmp_path: Path, registry: Path, seed: int) -> None:
+    src = write(tmp_path / "a.png", noise(8, 8))
+    result = restore("sr", registry, src, "-o", tmp_path / "out.png", "--seed", seed)
+    assert result.exit_code == 2 and "--seed" in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_largest_seed_works_with_tiles(tmp_path: Path, registry: Path) -> None:
+    """Per-tile seeds (seed + tile index) wrap around at 2**64 instead of overflowing."""
+    src = write(tmp_path / "a.png", noise(40, 40))
+    result = restore("sr", registry, src, "-o", tmp_path / "out.png", "--seed", 2**64 - 1, "--tile", 16)
+    assert result.exit_code == 0, result.stderr
+
+
+SIDES = st.integers(min_value=1, max_value=8)
+
+
+@st.composite
+def small_runs(draw: st.DrawFn) -> tuple[str, tuple[int, int], list[str]]:
+    """A task, an image of 1 to 8 pixels a side, and any mix of the restore options."""
+    task = draw(st.sampled_from(["sr", "inpaint", "face"]))
+    options: list[str] = []
+    if task == "sr" and draw(st.booleans()):
+        options.append("--tta")
+    if draw(st.booleans()):
+        options += ["--tile", str(draw(st.integers(1, 40)))]
+    if draw(st.booleans()):
+        options += ["--tile-overlap", str(draw(st.integers(0, 64)))]
+    if draw(st.booleans()):
+        options += ["--batch-size", str(draw(st.integers(1, 4)))]
+    if draw(st.booleans()):
+        options += ["--seed", str(draw(st.sampled_from([0, 1, 2**63, 2**64 - 1])))]
+    options += ["--ext", draw(st.sampled_from(["auto", "png", "jpg", "webp"]))]
+    return task, (draw(SIDES), draw(SIDES)), options
+
+
+@settings(
+    max_examples=30,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(case=small_runs())
+def test_every_option_on_images_of_one_to_eight_pixels(
+    registry: Path, case: tuple[str, tuple[int, int], list[str]]
+) -> None:
+    """Every task with any mix of options on an image whose sides are 1 to 8 pixels restores it
+    (exit 0, an output of the model's size) or, for a bad mix, gives a usage error; never a
+    traceback or an internal error."""
+    task, (width, height), options = case
+    event(task)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = write(Path(tmp) / "in.png", noise(height, width, seed=width * 8 + height))
+        args: list[object] = [src, "-o", Path(tmp) / "out", *options, "--json"]
+        if task == "inpaint":
+            hole = np.zeros((height, width), np.uint8)
+            hole[: max(1, height // 2)] = 255
+            args += ["--mask", write(Path(tmp) / "mask.png", hole)]
+        result = restore(task, registry, *args)
+        assert "Traceback" not in result.stdout + result.stderr
+        assert result.exit_code in (0, 2), result.stderr
+        if result.exit_code == 0:
+            (record,) = records(result.stdout)
+            scale = 4 if task == "sr" else 1
+            assert record["output_size"] == [scale * width, scale * height]
+            assert decoded_size(Path(record["output"])) == (scale * width, scale * height)
+
+
+def test_inputs_are_checked_before_the_weights(tmp_path: Path) -> None:
+    """Offline with no cached weights, a wrong-size mask, an unreadable mask and an empty face are
+    reported as what they are (exit 1), not as missing weights (exit 3): inputs are checked first."""
+    image = write(tmp_path / "a.png", noise(16, 16))
+    small_mask = write(tmp_path / "small.png", noise(8, 8, channels=1))
+    broken_mask = tmp_path / "broken.png"
+    broken_mask.write_bytes(b"not a mask")
+    empty_face = tmp_path / "face.png"
+    empty_face.write_bytes(b"")
+    cases = [
+        (["inpaint", image, "--mask", small_mask], "mask is 8x8 but the image is 16x16"),
+        (["inpaint", image, "--mask", broken_mask], f"cannot read {broken_mask}"),
+        (["face", empty_face], "the file is empty (0 bytes)"),
+    ]
+    for args, reason in cases:
+        result = invoke(*args, "-o", tmp_path / "out.png")
+        assert result.exit_code == 1, result.stderr
+        assert reason in result.stderr
+        assert "cache" not in result.stderr and "loading" not in result.stderr
+    assert not (tmp_path / "out.png").exists()
+
+
+def test_a_newline_in_a_file_name_stays_on_one_line(tmp_path: Path, registry: Path) -> None:
+    bad = tmp_path / "in" / "two\nlines.png"
+    bad.parent.mkdir()
+    bad.write_bytes(b"not an image")
+    result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
+    assert result.exit_code == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {tmp_path / 'in' / 'two'}\\nlines.png: {errors[0].split('png: ', 1)[1]}"]
+    assert "two\nlines" not in result.stderr

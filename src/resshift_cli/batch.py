@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from resshift_cli import interrupts
 from resshift_cli.imageio import IMAGE_SUFFIXES, INPUT_SUFFIXES, output_extension
 
 EXIT_OK = 0
@@ -27,26 +28,32 @@ class PlanError(Exception):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C in the middle of a batch, with how far it got: ``done`` of the ``total`` images to do.
+    """Ctrl-C or a termination signal (``signum``) in the middle of a batch, with how far it got:
+    ``done`` of the ``total`` images to do. ``rank`` is set under torchrun, where every rank
+    reports its own share; ``overwrite`` says whether the run was redoing existing outputs."""
 
-    ``rank`` is set under torchrun, where every rank reports its own share.
-    """
-
-    def __init__(self, done: int, total: int, rank: int | None = None) -> None:
+    def __init__(
+        self, done: int, total: int, rank: int | None = None, *, signum: int, overwrite: bool = False
+    ) -> None:
         super().__init__(done, total, rank)
         self.done = done
         self.total = total
         self.rank = rank
+        self.signum = signum
+        self.overwrite = overwrite
 
     def message(self) -> str:
-        """The one line the CLI prints; a rerun skips the outputs that exist, so it says so."""
+        """The one line the CLI prints, with how a rerun goes on from here."""
         who = f"rank {self.rank}: " if self.rank is not None else ""
+        what = interrupts.describe(self)
         if not self.done:
-            return f"{who}interrupted; no output was written"
-        return (
-            f"{who}interrupted after {self.done} of {self.total} images; finished outputs are kept "
-            "(run the same command again to do the rest: existing outputs are skipped)"
+            return f"{who}{what}; no output was written"
+        rerun = (
+            "run the same command without --overwrite to do only the rest"
+            if self.overwrite
+            else "run the same command again to do the rest: existing outputs are skipped"
         )
+        return f"{who}{what} after {self.done} of {self.total} images; finished outputs are kept ({rerun})"
 
 
 @dataclass(frozen=True)
@@ -69,12 +76,13 @@ class Plan:
 
 def collect_inputs(
     paths: Sequence[Path], recursive: bool, exclude: Path | None = None
-) -> tuple[list[tuple[Path, Path | None]], list[Path]]:
+) -> tuple[list[tuple[Path, Path | None]], list[Path], list[str]]:
     """Expand files and directories into ``(image, root directory or None)`` pairs, sorted.
 
     Directories give their image files (all levels with ``recursive``; symlinked directories are
     followed once, so loops end; the directory ``exclude``, the output, is not entered).
-    Non-image files inside directories are returned separately.
+    Non-image files inside directories are returned separately. A file reached more than once
+    (named twice, or named and inside a named directory) is kept once, with a notice.
     """
     images: list[tuple[Path, Path | None]] = []
     ignored: list[Path] = []
@@ -87,7 +95,21 @@ def collect_inputs(
             images.append((path, None))
         else:
             raise PlanError(f"input not found: {path}")
-    return images, ignored
+    first: dict[Path, Path] = {}
+    times: dict[Path, int] = {}
+    unique: list[tuple[Path, Path | None]] = []
+    for source, root in images:
+        key = resolved(source)
+        times[key] = times.get(key, 0) + 1
+        if key not in first:
+            first[key] = source
+            unique.append((source, root))
+    notices = [
+        f"{first[key]} was given {count} times; it is restored once"
+        for key, count in times.items()
+        if count > 1
+    ]
+    return unique, ignored, notices
 
 
 def _scan(root: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
@@ -131,7 +153,11 @@ def plan_jobs(
     (and a number, if need be). No output lands on another input; only on its own, which
     :func:`partition_existing` refuses unless ``--overwrite``.
     """
-    images, ignored = collect_inputs(inputs, recursive, exclude=output)
+    for bad in {os.sep, os.altsep or os.sep, "\0"}:
+        if bad in suffix:
+            raise PlanError(f"--suffix {suffix!r} must not contain {bad!r}: it is part of a file name")
+    output = landing_path(output)
+    images, ignored, notices = collect_inputs(inputs, recursive, exclude=output)
     if not images:
         raise PlanError(
             "no input images found" + (f" ({len(ignored)} non-image files ignored)" if ignored else "")
@@ -142,7 +168,7 @@ def plan_jobs(
         output.is_file() or (output.suffix.lower() in IMAGE_SUFFIXES and not output.is_dir())
     ):
         raise PlanError(f"-o {output}: several inputs need an output directory, not an image file name")
-    plan = Plan(jobs=[], ignored=ignored)
+    plan = Plan(jobs=[], ignored=ignored, notices=notices)
     inputs_at = {_key(source): source for source, _ in images}
     claimed: dict[Path, Path] = {}
     for source, root in images:
@@ -150,7 +176,7 @@ def plan_jobs(
             target = output
         else:
             rel = source.relative_to(root).parent if root is not None else Path()
-            target = output / rel / f"{source.stem}{suffix}{output_extension(source, ext)}"
+            target = landing_path(output / rel / f"{source.stem}{suffix}{output_extension(source, ext)}")
             other = claimed.get(_key(target)) or inputs_at.get(_key(target))
             if other is not None and other != source:
                 stem = f"{source.stem}{suffix}-{source.suffix.lstrip('.').lower()}"
@@ -171,7 +197,23 @@ def plan_jobs(
 
 
 def _key(path: Path) -> Path:
-    return Path(os.path.normcase(os.path.abspath(path)))
+    return Path(os.path.normcase(resolved(path)))
+
+
+def resolved(path: Path) -> Path:
+    """The absolute path the kernel reaches through ``path`` once its missing folders exist:
+    symlinks of the existing part followed, and ``..`` applied after them (``out/new/../a.png``
+    is ``out/a.png``, wherever ``out`` links to)."""
+    return Path(os.path.realpath(path))
+
+
+def landing_path(path: Path) -> Path:
+    """``path`` as a write will really land: written without ``.`` and ``..`` where that names the
+    same file (so messages stay short and relative), else its resolved absolute form. Checks for
+    existing files and inputs made on it therefore see the file the write would replace."""
+    plain = Path(os.path.normpath(path))
+    real = resolved(path)
+    return plain if Path(os.path.abspath(plain)) == real else real
 
 
 def _mask_for(source: Path, masks: Path | None, single_file: bool) -> Path | None:

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import torch
 
+from resshift_cli.atomic import write_atomically
+
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
 _PREFIXES = ("module.", "_orig_mod.")
@@ -157,17 +159,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
-        save_file(tensors, str(tmp))
-        # safetensors creates its file private (0600); give it the usual mode for new files.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    write_atomically(path, lambda temp: save_file(tensors, str(temp)))
 
 
 def _first_line(exc: BaseException) -> str:

@@ -45,13 +45,29 @@ def _check_device(_ctx: click.Context, _param: click.Parameter, value: str) -> s
     return value
 
 
+def _check_output(_ctx: click.Context, _param: click.Parameter, value: str) -> Path:
+    """An empty -o is a usage error, not the current folder."""
+    if not value:
+        raise click.BadParameter("must name a file or directory")
+    return Path(value)
+
+
+SEED_RANGE = click.IntRange(0, 2**64 - 1)
+"""Seeds torch's generators accept: 0 to 2**64 - 1."""
+
+
 def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Options every restore command shares, in the order --help shows them."""
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
         options = [
             click.option(
-                "-o", "--output", type=_PathArg, required=True, help="Output file (one input) or directory."
+                "-o",
+                "--output",
+                type=click.Path(),
+                callback=_check_output,
+                required=True,
+                help="Output file (one input) or directory.",
             ),
             click.option("--model", help="Registry name of the model (see 'resshift weights list')."),
             click.option(
@@ -70,7 +86,7 @@ def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Cal
             ),
             click.option(
                 "--seed",
-                type=int,
+                type=SEED_RANGE,
                 default=12345,
                 show_default=True,
                 help="Random seed (12345 is upstream's).",
@@ -154,16 +170,17 @@ def main() -> None:
 
 
 def _run_restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[str, Any]) -> None:
-    from resshift_cli import batch
+    from resshift_cli import batch, interrupts
 
-    try:
-        code = _restore(task, inputs, masks, kw)
-    except batch.Interrupted as exc:
-        click.echo(exc.message(), err=True)
-        sys.exit(batch.EXIT_INTERRUPTED)
-    except KeyboardInterrupt:
-        click.echo("interrupted; finished outputs are kept", err=True)
-        sys.exit(batch.EXIT_INTERRUPTED)
+    with interrupts.termination_as_interrupt():
+        try:
+            code = _restore(task, inputs, masks, kw)
+        except batch.Interrupted as exc:
+            click.echo(exc.message(), err=True)
+            sys.exit(interrupts.exit_code(exc))
+        except KeyboardInterrupt as exc:
+            click.echo(f"{interrupts.describe(exc)}; finished outputs are kept", err=True)
+            sys.exit(interrupts.exit_code(exc))
     sys.exit(code)
 
 

@@ -18,20 +18,21 @@ from __future__ import annotations
 import errno
 import os
 import re
-import secrets
 import struct
 import sys
 import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
+
+from resshift_cli.atomic import write_atomically
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -42,6 +43,7 @@ __all__ = [
     "is_image_path",
     "load_image",
     "output_extension",
+    "probe_image",
     "resize_alpha",
     "save_image",
 ]
@@ -78,6 +80,8 @@ _WIDE_GRAY_MODES = frozenset({"I", "I;16", "I;16B", "I;16L", "I;16N", "F"})
 _WIDE_COLOUR_RAWMODE = re.compile(r"(RGB|RGBA|RGBX);16([BLN])")
 # The byte order whose unpacker keeps the *other* byte of each sample.
 _OTHER_BYTE = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L"}
+
+_EXIF_ORIENTATION = 0x0112
 
 # Pillow's global bomb check (Image.MAX_IMAGE_PIXELS) fires inside Image.open with its own limit,
 # which would override ours in both directions; it is switched off around Image.open, under a lock.
@@ -143,11 +147,7 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
     Pillow's warnings about a damaged but readable file become notices.
     """
     source = Path(path)
-    try:
-        if source.is_dir():
-            raise ImageError(f"cannot read {source}: it is a directory, not an image file")
-        if source.stat().st_size == 0:
-            raise ImageError(f"cannot read {source}: the file is empty (0 bytes)")
+    with _reading(source):
         # Pillow warns about damaged files through Python's warnings, which print two lines of its
         # source code; they become one-line notices instead.
         with warnings.catch_warnings(record=True) as caught:
@@ -155,8 +155,38 @@ def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT
             with _open(source) as im:
                 _check_pixel_limit(source, im.size, max_pixels)
                 image = _decode(source, im)
-        image.notices += [f"{source}: {m}" for m in dict.fromkeys(_one_line(w.message) for w in caught)]
+        image.notices += list(dict.fromkeys(_one_line(w.message) for w in caught))
         return image
+
+
+def probe_image(
+    path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS
+) -> tuple[int, int]:
+    """The upright (width, height) of an image file, from its header alone: what can be known
+    about an input before its pixels (and the model) are needed. Raises :class:`ImageError` as
+    :func:`load_image` does; a file that passes may still fail to decode later."""
+    source = Path(path)
+    with _reading(source), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with _open(source) as im:
+            _check_pixel_limit(source, im.size, max_pixels)
+            width, height = im.size
+            try:
+                turned = im.getexif().get(_EXIF_ORIENTATION) in (5, 6, 7, 8)
+            except Exception:  # broken EXIF: load_image uses such an image as stored
+                turned = False
+    return (height, width) if turned else (width, height)
+
+
+@contextmanager
+def _reading(source: Path) -> Iterator[None]:
+    """Turn every failure to read ``source`` into a one-line :class:`ImageError` naming it."""
+    try:
+        if source.is_dir():
+            raise ImageError(f"cannot read {source}: it is a directory, not an image file")
+        if source.stat().st_size == 0:
+            raise ImageError(f"cannot read {source}: the file is empty (0 bytes)")
+        yield
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
@@ -278,17 +308,17 @@ def _decode(path: Path, im: ImageFile.ImageFile) -> LoadedImage:
     notices: list[str] = []
     frames = getattr(im, "n_frames", 1)
     if frames > 1:
-        notices.append(f"{path} has {frames} frames; only the first is used")
+        notices.append(f"the file has {frames} frames; only the first is used")
     fmt = im.format
     icc = im.info.get("icc_profile") or None
     rawmodes = {_tile_rawmode(tile) for tile in im.tile}
 
     alpha: np.ndarray | None = None
     if im.mode in ("RGB", "RGBA") and rawmodes and all(_is_wide_colour(r) for r in rawmodes):
-        high = _upright(im, notices, path)
+        high = _upright(im, notices)
         with _open(path) as other:
             other.tile = [_with_rawmode(t, _other_byte(_tile_rawmode(t) or "")) for t in other.tile]
-            low = _upright(other, [], path)
+            low = _upright(other, [])
         values = (np.asarray(high, dtype=np.uint16) << 8) | np.asarray(low, dtype=np.uint16)
         grayscale, bit_depth = False, 16
         rgb = values[..., :3] / np.float32(65535)
@@ -300,18 +330,18 @@ def _decode(path: Path, im: ImageFile.ImageFile) -> LoadedImage:
         # 16-bit gray + alpha PNG: Pillow keeps only the high bytes, but reading the same 4 bytes per
         # pixel as 8-bit RGBA yields gray high, gray low, alpha high, alpha low.
         im.tile = [_with_rawmode(t, "RGBA") for t in im.tile]
-        values = np.asarray(_upright(im, notices, path), dtype=np.uint16)
+        values = np.asarray(_upright(im, notices), dtype=np.uint16)
         gray = (values[..., 0] << 8) | values[..., 1]
         rgb = np.repeat(gray[..., None] / np.float32(65535), 3, axis=2)
         alpha = ((values[..., 2] << 8) | values[..., 3]) / np.float32(65535)
         grayscale, bit_depth = True, 16
     else:
-        image = _upright(im, notices, path)
-        rgb, alpha = _pixels(image, notices, path)
+        image = _upright(im, notices)
+        rgb, alpha = _pixels(image, notices)
         grayscale = image.mode in _GRAY_MODES
         bit_depth = 16 if image.mode in _WIDE_GRAY_MODES else 8
         if bit_depth == 8 and any(r and ";16" in r for r in rawmodes):
-            notices.append(f"{path}: this 16-bit layout is read at 8 bits per sample (a Pillow limit)")
+            notices.append("this 16-bit layout is read at 8 bits per sample (a Pillow limit)")
 
     if _icc_colour_space(icc) not in ("RGB", "GRAY"):
         icc = None
@@ -326,18 +356,18 @@ def _decode(path: Path, im: ImageFile.ImageFile) -> LoadedImage:
     )
 
 
-def _upright(im: Image.Image, notices: list[str], path: Path) -> Image.Image:
+def _upright(im: Image.Image, notices: list[str]) -> Image.Image:
     """Decode fully (a truncated file raises here) and apply the EXIF orientation."""
     im.load()
     try:
         ImageOps.exif_transpose(im, in_place=True)
     except Exception:
         # Broken EXIF must not make a decodable image unreadable; the pixels are used as stored.
-        notices.append(f"{path}: the EXIF orientation could not be read; the image is used as stored")
+        notices.append("the EXIF orientation could not be read; the image is used as stored")
     return im
 
 
-def _pixels(image: Image.Image, notices: list[str], path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+def _pixels(image: Image.Image, notices: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
     """RGB and alpha as float arrays from a decoded image in any 8-bit or grayscale mode."""
     mode = image.mode
     if mode in _WIDE_GRAY_MODES:
@@ -351,7 +381,7 @@ def _pixels(image: Image.Image, notices: list[str], path: Path) -> tuple[np.ndar
 
     has_alpha = "A" in mode or "a" in mode or "transparency" in image.info
     if mode == "CMYK":
-        notices.append(f"{path}: CMYK converted to RGB without colour management; colours may shift")
+        notices.append("CMYK converted to RGB without colour management; colours may shift")
     if mode in ("1", "L", "LA", "La"):
         values = np.asarray(image.convert("LA" if has_alpha else "L"))
         gray = (values[..., 0] if has_alpha else values) / np.float32(255)
@@ -446,21 +476,15 @@ def _save_params(fmt: str, quality: int, icc: bytes | None) -> dict[str, Any]:
 
 
 def _atomic_write(dest: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write through a temporary file beside ``dest``, then rename it into place."""
-    temp = dest.with_name(f".{dest.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
-    try:
+    """Write ``dest`` through a temporary file beside it (see :mod:`resshift_cli.atomic`)."""
+
+    def create(temp: Path) -> None:
         with open(temp, "xb") as f:
             write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(temp, dest)
-    except BaseException as e:
-        # The name is this process's own, so whatever is there is ours (even if Ctrl-C came
-        # between the file's creation and anything that could note it).
-        with suppress(OSError):
-            temp.unlink()
-        if not isinstance(e, Exception):
-            raise
+
+    try:
+        write_atomically(dest, create)
+    except Exception as e:
         raise ImageError(f"cannot write {dest}: {_write_failure(e)}") from e
 
 

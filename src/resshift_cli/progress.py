@@ -96,11 +96,11 @@ class Reporter:
 
     def notice(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(f"[yellow]note:[/] {message}", markup=True)
+            self.console.print(f"[yellow]note:[/] {_escape(message)}", markup=True)
 
     def info(self, message: str) -> None:
         if not self.quiet:
-            self.console.print(message, markup=False)
+            self.console.print(printable(message), markup=False)
 
     def error(self, message: str) -> None:
         self.console.print(f"[red]error:[/] {_escape(message)}", markup=True)
@@ -112,13 +112,13 @@ class Reporter:
             self.console.print(f"[red]{failed} failed:[/]", markup=True)
             for record in summary.records:
                 if record.status == "failed":
-                    self.console.print(f"  {record.input}: {record.error}", markup=False)
+                    self.console.print(printable(f"  {record.input}: {record.error}"), markup=False)
         if self.quiet:
             return
         if ignored:
             self.console.print("ignored, not image files:", markup=False)
             for path in ignored[:_SHOWN]:
-                self.console.print(f"  {path}", markup=False)
+                self.console.print(printable(f"  {path}"), markup=False)
             if len(ignored) > _SHOWN:
                 self.console.print(f"  ... and {len(ignored) - _SHOWN} more", markup=False)
         sizes = sorted({f"{r.output_size[0]}x{r.output_size[1]}" for r in summary.records if r.output_size})
@@ -136,7 +136,14 @@ class Reporter:
         self.console.print(line, markup=False)
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters written as escapes (``\\n``, ``\\x1b``): a file name
+    holding a newline must not split a message in two, nor an escape sequence colour the terminal."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def _escape(text: str) -> str:
+    """Printable and free of rich markup."""
     from rich.markup import escape
 
-    return escape(text)
+    return escape(printable(text))

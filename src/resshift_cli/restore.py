@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from resshift_cli import interrupts
+from resshift_cli.atomic import remove_stale_temporaries
 from resshift_cli.batch import (
     EXIT_MODEL,
     EXIT_OK,
@@ -21,7 +23,7 @@ from resshift_cli.batch import (
     partition_existing,
 )
 from resshift_cli.distributed import World
-from resshift_cli.imageio import DEFAULT_MAX_PIXELS, ImageError, load_image, save_image
+from resshift_cli.imageio import DEFAULT_MAX_PIXELS, ImageError, load_image, probe_image, save_image
 from resshift_cli.progress import Reporter
 
 
@@ -81,7 +83,11 @@ def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[lis
     with Reporter(quiet=quiet, json_records=settings.json) as reporter:
         for notice in plan.notices:
             reporter.notice(notice)
-        todo, skipped, refused = partition_existing(world.shard(plan.jobs), settings.overwrite)
+        share = world.shard(plan.jobs)
+        # What a killed run (SIGKILL, a power cut) left behind beside these outputs goes first.
+        for directory in dict.fromkeys(job.output.parent for job in share):
+            remove_stale_temporaries(directory)
+        todo, skipped, refused = partition_existing(share, settings.overwrite)
         reporter.start(len(todo) + len(skipped) + len(refused))
         for job in skipped:
             record = Record(str(job.source), str(job.output), "skipped", notices=["output exists; skipped"])
@@ -92,6 +98,18 @@ def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[lis
             record = Record(str(job.source), str(job.output), "failed", error=error)
             summary.records.append(record)
             reporter.end_image(record)
+        # Inputs are checked before the weights are looked for: a bad mask is reported at once,
+        # not after a download, and offline as what it is rather than as missing weights.
+        checked = []
+        for job in todo:
+            problem = _input_problem(job, settings)
+            if problem is None:
+                checked.append(job)
+                continue
+            record = Record(str(job.source), str(job.output), "failed", error=problem)
+            summary.records.append(record)
+            reporter.end_image(record)
+        todo = checked
         if not todo:
             return summary.records, False, summary.started
         try:
@@ -109,9 +127,15 @@ def _run_share(world: World, plan: Plan, settings: RestoreSettings) -> tuple[lis
                 record = process(job)
                 summary.records.append(record)
                 reporter.end_image(record)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:
             rank = world.rank if world.distributed else None
-            raise Interrupted(summary.count("done"), len(todo), rank) from None
+            raise Interrupted(
+                summary.count("done"),
+                len(todo),
+                rank,
+                signum=interrupts.signal_number(exc),
+                overwrite=settings.overwrite,
+            ) from None
     return summary.records, False, summary.started
 
 
@@ -173,10 +197,10 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
             record.size = image.size
             record.notices += image.notices
             hole = None
-            if settings.task == "inpaint":
-                if job.mask is None:
-                    raise tasks.MaskError(f"no mask for {job.source.name} (masks are matched by file stem)")
-                hole = tasks.hole_mask(load_image(job.mask, max_pixels=settings.max_pixels).rgb)
+            if job.mask is not None:
+                mask = load_image(job.mask, max_pixels=settings.max_pixels)
+                record.notices += [f"mask {job.mask}: {notice}" for notice in mask.notices]
+                hole = tasks.hole_mask(mask.rgb)
             _make_directory(job.output)  # before the model runs, which would be wasted
             if hole is not None:
                 result = tasks.inpaint(restorer, image, hole, options, reporter.image_progress)
@@ -208,6 +232,21 @@ def _processor(settings: RestoreSettings, reporter: Reporter):
         return record
 
     return process
+
+
+def _input_problem(job: Job, settings: RestoreSettings) -> str | None:
+    """Why ``job`` cannot be restored, as far as the headers of its image and mask tell, or None."""
+    from resshift_cli.pipelines import tasks
+
+    try:
+        size = probe_image(job.source, max_pixels=settings.max_pixels)
+        if settings.task == "inpaint":
+            if job.mask is None:
+                raise tasks.MaskError(f"no mask for {job.source.name} (masks are matched by file stem)")
+            tasks.check_mask_size(probe_image(job.mask, max_pixels=settings.max_pixels), size)
+    except (ImageError, tasks.MaskError) as exc:
+        return _unnamed(str(exc), job.source)
+    return None
 
 
 def _unnamed(message: str, source: Path) -> str:

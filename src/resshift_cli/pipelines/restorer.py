@@ -125,7 +125,7 @@ class Restorer:
         """
         per_tile = []
         for index in indices:
-            gen = torch.Generator().manual_seed(seed + index)
+            gen = torch.Generator().manual_seed((seed + index) % 2**64)
             per_tile.append(
                 [torch.randn(latent_shape, generator=gen) for _ in range(self.diffusion.num_timesteps + 1)]
             )

@@ -39,7 +39,9 @@ class MaskError(ValueError):
 
 
 def _to_tensor(rgb: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(rgb, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
+    # A copy, not ascontiguousarray: numpy counts a flipped view with a side of one pixel as
+    # contiguous and returns it as is, negative stride and all, which torch cannot take.
+    return torch.from_numpy(np.array(rgb, dtype=np.float32)).permute(2, 0, 1).unsqueeze(0)
 
 
 def _to_numpy(image: torch.Tensor) -> np.ndarray:
@@ -93,7 +95,7 @@ def _restore_views(
             if on_progress is not None:
                 on_progress(_index * count + done, len(DIHEDRAL) * count)
 
-        view = np.ascontiguousarray(_view(rgb, turns, mirrored))
+        view = _view(rgb, turns, mirrored)
         restored = _unview(_restore(restorer, view, options, on_progress=progress), turns, mirrored)
         total = restored.copy() if total is None else total + restored
     assert total is not None
@@ -132,6 +134,14 @@ def hole_mask(mask: np.ndarray) -> np.ndarray:
     return values > peak / 2
 
 
+def check_mask_size(mask_size: tuple[int, int], image_size: tuple[int, int]) -> None:
+    """Raise :class:`MaskError` unless the mask's (width, height) is the image's."""
+    if mask_size != image_size:
+        raise MaskError(
+            f"mask is {mask_size[0]}x{mask_size[1]} but the image is {image_size[0]}x{image_size[1]}"
+        )
+
+
 def inpaint(
     restorer: Restorer,
     image: LoadedImage,
@@ -141,8 +151,7 @@ def inpaint(
 ) -> Restored:
     """Fill the hole; outside it the output is the input, pixel for pixel (pasted back, as upstream)."""
     h, w = image.rgb.shape[:2]
-    if hole.shape != (h, w):
-        raise MaskError(f"mask is {hole.shape[1]}x{hole.shape[0]} but the image is {w}x{h}")
+    check_mask_size((hole.shape[1], hole.shape[0]), (w, h))
     notices = []
     if not hole.any():
         notices.append("the mask has no hole; the output is the input")
