@@ -28,13 +28,15 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from resshift_cli.diffusion import ResShiftDiffusion
 from resshift_cli.models import set_fast_paths
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
+from resshift_cli.pipelines.latent import LatentSpace
+from resshift_cli.pipelines.options import RunOptions
 from resshift_cli.pipelines.restorer import Restorer
 from resshift_cli.registry import load_registry
 from resshift_cli.runtime import autocast_dtype, resolve_device
+from resshift_cli.scheduler import ResShiftScheduler
 
 
 class PeakMemory:
@@ -121,9 +123,9 @@ def instrument(restorer: Restorer, calls: list[Call]) -> None:
 
         setattr(obj, attr, timed)
 
-    assert restorer.autoencoder is not None
-    wrap(restorer.autoencoder, "encode", "encode")
-    wrap(restorer.autoencoder, "decode", "decode")
+    assert restorer.latent.autoencoder is not None
+    wrap(restorer.latent.autoencoder, "encode", "encode")
+    wrap(restorer.latent.autoencoder, "decode", "decode")
     wrap(restorer.unet, "forward", "unet")
 
 
@@ -142,8 +144,16 @@ def build(
     torch.manual_seed(0)
     unet = UNet(**spec.unet)
     autoencoder = VQAutoencoder(ae_spec.embed_dim, ae_spec.n_embed, ae_spec.ddconfig)
-    diffusion = ResShiftDiffusion(**spec.diffusion)
-    return Restorer(unet, autoencoder, diffusion, device, precision, optimize, unet_memory)
+    latent = LatentSpace.from_params(autoencoder, spec.diffusion)
+    return Restorer(
+        unet,
+        ResShiftScheduler(**spec.diffusion),
+        latent,
+        device,
+        precision,
+        optimize=optimize,
+        unet_memory=unet_memory,
+    )
 
 
 class FlopTable:
@@ -202,15 +212,15 @@ def run_once(restorer: Restorer, image: torch.Tensor, seed: int) -> Run:
     memory = PeakMemory(restorer.device)
     memory.start()
     started = time.perf_counter()
-    output = restorer.restore(image, seed=seed)
+    output = restorer.restore(image, options=RunOptions(seed=seed))
     seconds = time.perf_counter() - started
     peak = memory.stop()
     # Undo the instance-level wrappers so the next run wraps the original methods again.
-    for obj in (restorer.autoencoder, restorer.unet):
+    for obj in (restorer.latent.autoencoder, restorer.unet):
         for attr in ("encode", "decode", "forward"):
             obj.__dict__.pop(attr, None)
-    assert restorer.autoencoder is not None
-    quantise = restorer.autoencoder.quantize
+    assert restorer.latent.autoencoder is not None
+    quantise = restorer.latent.autoencoder.quantize
     with torch.inference_mode():
         for call in calls:
             if call.latent is not None:
@@ -354,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         image = torch.rand(1, 3, size // 4, size // 4, generator=generator)
         print(
             f"\noutput {size}x{size} (input {size // 4}x{size // 4}); autoencoder tiles of at most "
-            f"{Restorer.AE_TILE} latent px"
+            f"{Restorer.AE_TILE.get(device.type, Restorer.AE_TILE['cpu'])} latent px"
         )
         fast_runs = run_path(device, precision, True, image, args, rates)
         plain_runs = [] if args.no_plain else run_path(device, precision, False, image, args, rates)

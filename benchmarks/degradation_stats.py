@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from resshift_cli.imageio import load_image
+from resshift_cli.imagefiles import load_image
 from resshift_cli.training.config import load_train_config
 from resshift_cli.training.degradations import (
     DegradationConfig,

@@ -19,17 +19,18 @@ import time
 import torch
 from bench import build
 
-from resshift_cli.imageio import LoadedImage
+from resshift_cli.imagefiles import LoadedImage
 from resshift_cli.pipelines.loading import load_restorer
+from resshift_cli.pipelines.options import RunOptions
 from resshift_cli.pipelines.restorer import Restorer
-from resshift_cli.pipelines.tasks import RunOptions, super_resolve
+from resshift_cli.pipelines.tasks import super_resolve
 from resshift_cli.registry import BUNDLED_SR_MODEL, load_registry
 from resshift_cli.runtime import resolve_device
 
 
 def seconds(restorer: Restorer, image: torch.Tensor) -> float:
     started = time.perf_counter()
-    restorer.restore(image, seed=12345)
+    restorer.restore(image)
     return time.perf_counter() - started
 
 
@@ -38,7 +39,7 @@ def seconds_tta(restorer: Restorer, image: torch.Tensor) -> float:
     rgb = image[0].permute(1, 2, 0).numpy()
     loaded = LoadedImage(rgb, None, False, 8, None, "PNG")
     started = time.perf_counter()
-    super_resolve(restorer, loaded, RunOptions(seed=12345, tta=True))
+    super_resolve(restorer, loaded, RunOptions(tta=True))
     return time.perf_counter() - started
 
 
@@ -51,9 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     device = resolve_device("cpu")
     realsr = build(device, None)
     registry = load_registry()
-    lite = load_restorer(
-        registry.model(BUNDLED_SR_MODEL), registry, device=device, precision=None, quiet=True
-    )
+    lite = load_restorer(BUNDLED_SR_MODEL, registry=registry, device=device, precision="fp32")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32; medians of {args.runs} runs")
     print(
         f"{'output':>10} {'realsr-v3 s':>12} {'s/MP':>7} {'lite s':>8} {'s/MP':>7} {'lite faster':>12}"

@@ -26,12 +26,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resshift_cli.imageio import is_image_path, load_image
+from resshift_cli.imagefiles import is_image_path, load_image
 from resshift_cli.metrics import make_lr_images, psnr, ssim
 from resshift_cli.pipelines.loading import load_restorer
-from resshift_cli.pipelines.tasks import RunOptions, super_resolve
+from resshift_cli.pipelines.options import RunOptions
+from resshift_cli.pipelines.tasks import super_resolve
 from resshift_cli.registry import load_registry
-from resshift_cli.runtime import resolve_device
 
 SETS = ("imagenet-val", "Set5", "Set14", "BSD100")
 BORDER = 4
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
 
     registry = load_registry(args.registry)
     spec = registry.model(args.model)
-    restorer = load_restorer(spec, registry, device=resolve_device("auto"), precision=None, quiet=True)
+    restorer = load_restorer(spec, registry=registry, device="auto", precision="fp32")
     options = RunOptions(seed=args.seed, tta=args.tta)
     tta = ", --tta" if args.tta else ""
     print(f"model {spec.name}: x{spec.scale}, {spec.steps} steps, seed {args.seed}{tta}; border {BORDER} px")

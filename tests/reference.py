@@ -1,15 +1,17 @@
-"""Access to the upstream reference data in ../shared/reference (fails loudly when absent)."""
+"""Access to the upstream reference data in ../shared/reference (or RESSHIFT_REFERENCE)."""
 
 from __future__ import annotations
 
 import json
+import os
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE = Path(os.environ.get("RESSHIFT_REFERENCE") or SHARED / "reference")
 MANIFESTS = ("realsr-v1", "realsr-v3", "realsr-x2", "bicsr", "inpaint-imagenet", "inpaint-face", "faceir")
 PARITY_CASES = ("sr-tiny", "inpaint-tiny", "face-tiny")
 

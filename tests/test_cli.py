@@ -27,16 +27,17 @@ import torch
 from click.testing import CliRunner, Result
 from huggingface_hub import constants
 from PIL import Image
-from reference import case, reference_path
+from reference import reference_path
 from safetensors import safe_open
 from safetensors.torch import load_file
-from tinymodels import write_registry
+from tinymodels import tiny_restorer, write_registry
 
-from resshift_cli import ResShiftDiffusion, UNet, VQAutoencoder
-from resshift_cli.checkpoints import load_into, read_state_dict
+from resshift_cli import Restorer
 from resshift_cli.cli import main
-from resshift_cli.imageio import LoadedImage, load_image
+from resshift_cli.imagefiles import LoadedImage, load_image
 from resshift_cli.pipelines import loading, tasks
+from resshift_cli.pipelines.latent import LatentSpace
+from resshift_cli.pipelines.options import RunOptions
 
 RESSHIFT = Path(sys.executable).parent / "resshift"
 TINY = {"sr": "tiny-sr", "inpaint": "tiny-inpaint", "face": "tiny-face"}
@@ -157,15 +158,8 @@ def png_header(path: Path) -> tuple[int, int, int, int]:
 
 
 @functools.cache
-def _tiny(case_name: str) -> tuple[UNet, VQAutoencoder, ResShiftDiffusion]:
-    c = case(case_name)
-    unet = UNet(**c["unet_params"]).eval()
-    autoencoder = VQAutoencoder(**c["autoencoder_params"]).eval()
-    load_into(unet, read_state_dict(reference_path("parity", case_name, "unet.safetensors")), "unet")
-    load_into(
-        autoencoder, read_state_dict(reference_path("parity", case_name, "autoencoder.safetensors")), "ae"
-    )
-    return unet, autoencoder, ResShiftDiffusion(**c["diffusion_params"])
+def _tiny(case_name: str) -> Restorer:
+    return tiny_restorer(case_name)
 
 
 def sample(
@@ -176,17 +170,13 @@ def sample(
     For inpainting, the hole (H x W bool) is blacked out in the input and given to the network as
     the mask (+1 = hole, -1 = keep).
     """
-    unet, autoencoder, diffusion = _tiny(case_name)
     lq = torch.from_numpy(pixels.astype(np.float32) / np.float32(255)).permute(2, 0, 1)[None]
     kwargs: dict[str, Any] = {}
     if hole is not None:
         holes = torch.from_numpy(hole.astype(np.float32))[None, None]
         lq = lq * (1 - holes)
         kwargs["mask"] = holes * 2 - 1
-    with torch.no_grad():
-        out = diffusion.sample(
-            lq * 2 - 1, unet, autoencoder, generator=torch.Generator().manual_seed(seed), **kwargs
-        )
+    out = _tiny(case_name).sample(lq * 2 - 1, generator=torch.Generator().manual_seed(seed), **kwargs)
     unit = (out.clamp(-1, 1) + 1) / 2
     return (unit * 255)[0].permute(1, 2, 0).double().numpy()
 
@@ -350,7 +340,7 @@ def test_tta_progress_counts_every_view() -> None:
 
     seen: list[tuple[int, int]] = []
     image = LoadedImage(noise(4, 6).astype(np.float32) / 255, None, False, 8, None, "PNG")
-    out = tasks.super_resolve(Upscaler(), image, tasks.RunOptions(tta=True), lambda d, t: seen.append((d, t)))
+    out = tasks.super_resolve(Upscaler(), image, RunOptions(tta=True), lambda d, t: seen.append((d, t)))
     assert seen == [(done, 16) for done in range(1, 17)]
     np.testing.assert_allclose(out.rgb, image.rgb.repeat(2, 0).repeat(2, 1), atol=1e-6)
 
@@ -594,16 +584,16 @@ def test_cuda_exit_code_of_the_entry_point(tmp_path: Path, registry: Path) -> No
 
 def _interrupt_call(monkeypatch: pytest.MonkeyPatch, n: int) -> list[int]:
     """Make the ``n``-th restoration raise KeyboardInterrupt (as Ctrl-C would); returns the call log."""
-    real = tasks.super_resolve
+    real = tasks.restore_prepared
     calls: list[int] = []
 
-    def interrupted(*args: Any, **kwargs: Any) -> tasks.Restored:
+    def interrupted(*args: Any, **kwargs: Any) -> list[tasks.Restored]:
         calls.append(1)
         if len(calls) == n:
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "super_resolve", interrupted)
+    monkeypatch.setattr(tasks, "restore_prepared", interrupted)
     return calls
 
 
@@ -659,15 +649,15 @@ def test_interrupt_under_torchrun_names_the_rank(
 
 
 @pytest.mark.parametrize(
-    ("args", "dtype"),
+    ("args", "name", "shown"),
     [
-        ([], None),
-        (["--precision", "auto"], None),
-        (["--precision", "fp32"], None),
-        (["--precision", "fp16"], torch.float16),
-        (["--precision", "bf16"], torch.bfloat16),
-        (["--precision", "bf16", "--fp32"], None),
-        (["--fp32"], None),
+        ([], "auto", "fp32"),
+        (["--precision", "auto"], "auto", "fp32"),
+        (["--precision", "fp32"], "fp32", "fp32"),
+        (["--precision", "fp16"], "fp16", "fp16"),
+        (["--precision", "bf16"], "bf16", "bf16"),
+        (["--precision", "bf16", "--fp32"], "fp32", "fp32"),
+        (["--fp32"], "fp32", "fp32"),
     ],
 )
 def test_precision_reaches_the_model(
@@ -675,7 +665,8 @@ def test_precision_reaches_the_model(
     monkeypatch: pytest.MonkeyPatch,
     registry: Path,
     args: list[str],
-    dtype: torch.dtype | None,
+    name: str,
+    shown: str,
 ) -> None:
     """What the model is loaded with, for each precision option (auto is fp32 on the CPU)."""
     seen: dict[str, Any] = {}
@@ -688,8 +679,9 @@ def test_precision_reaches_the_model(
     src = write(tmp_path / "a.png", noise(16, 16))
     result = restore("sr", registry, src, "-o", tmp_path / "b.png", "--device", "cpu", *args)
     assert result.exit_code == 3 and "stop here" in result.stderr
-    assert seen["precision"] == dtype
+    assert seen["precision"] == name
     assert seen["device"] == torch.device("cpu")
+    assert f"loading tiny-sr on cpu ({shown})" in result.stderr
 
 
 def test_bf16_runs_under_autocast(tmp_path: Path, registry: Path) -> None:
@@ -697,7 +689,7 @@ def test_bf16_runs_under_autocast(tmp_path: Path, registry: Path) -> None:
     src = write(tmp_path / "a.png", pixels)
     result = restore("sr", registry, src, "-o", tmp_path / "bf16.png", "--precision", "bf16")
     assert result.exit_code == 0
-    assert "loading tiny-sr on cpu (bfloat16)" in result.stderr
+    assert "loading tiny-sr on cpu (bf16)" in result.stderr
     out = read(tmp_path / "bf16.png")
     assert out.shape == (64, 64, 3)
     assert not np.array_equal(out, np.rint(sample("sr-tiny", pixels)))
@@ -777,13 +769,13 @@ def test_checkpoint_and_autoencoder_files_replace_the_registry(
 def encoder_inputs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
     """Shapes of every batch the autoencoder encodes (the upsampled LQ), recorded."""
     shapes: list[tuple[int, ...]] = []
-    real = ResShiftDiffusion.encode
+    real = LatentSpace.encode
 
-    def spy(self: ResShiftDiffusion, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def spy(self: LatentSpace, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         shapes.append(tuple(x.shape))
         return real(self, x, *args, **kwargs)
 
-    monkeypatch.setattr(ResShiftDiffusion, "encode", spy)
+    monkeypatch.setattr(LatentSpace, "encode", spy)
     return shapes
 
 

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resshift_cli.imageio import load_image
+from resshift_cli.imagefiles import load_image
 from resshift_cli.training.degradations import (
     KERNEL_TYPES,
     DegradationConfig,

@@ -14,9 +14,9 @@ import pytest
 import torch
 from test_cli import run_entry_point
 
-from resshift_cli.diffusion import ResShiftDiffusion
-from resshift_cli.imageio import load_image, save_image
+from resshift_cli.imagefiles import load_image, save_image
 from resshift_cli.metrics import psnr, ssim
+from resshift_cli.pipelines.latent import LatentSpace
 from resshift_cli.registry import BUNDLED_SR_MODEL, load_registry, package_dir
 from resshift_cli.training.config import load_train_config
 from resshift_cli.training.degradations import realesrgan_degrade
@@ -76,7 +76,7 @@ def _y_scores(outputs: list[np.ndarray], truths: list[np.ndarray]) -> tuple[floa
 
 def _bicubic(lite, lq: np.ndarray) -> np.ndarray:
     """The model's own y0 (torch bicubic, as upstream), rounded to 8 bits as a saved file is."""
-    upsample = ResShiftDiffusion(**lite.diffusion).upsample
+    upsample = LatentSpace.from_params(None, lite.diffusion).upsample
     up = upsample(torch.from_numpy(lq).permute(2, 0, 1)[None])[0].permute(1, 2, 0).clamp(0, 1).numpy()
     return np.round(up * 255) / 255
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from resshift_cli.imageio import save_image
+from resshift_cli.imagefiles import save_image
 from resshift_cli.metrics import (
     EvalResult,
     evaluate_folders,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from functools import cache
 
 import numpy as np
@@ -9,20 +10,21 @@ import pytest
 import torch
 from reference import PARITY_CASES, case, reference_path
 from safetensors.torch import load_file
+from tinymodels import tiny_restorer
 
-from resshift_cli import ResShiftDiffusion, UNet, VQAutoencoder
-from resshift_cli.checkpoints import load_into, read_state_dict
-from resshift_cli.models import set_fast_paths
+from resshift_cli import ResShiftScheduler, UNet, VQAutoencoder, sampler
+from resshift_cli.pipelines.restorer import Restorer
 
 
 @cache
-def _models(name: str) -> tuple[UNet, VQAutoencoder, ResShiftDiffusion]:
-    c = case(name)
-    unet = UNet(**c["unet_params"]).eval()
-    autoencoder = VQAutoencoder(**c["autoencoder_params"]).eval()
-    load_into(unet, read_state_dict(reference_path("parity", name, "unet.safetensors")), "unet")
-    load_into(autoencoder, read_state_dict(reference_path("parity", name, "autoencoder.safetensors")), "vq")
-    return unet, autoencoder, ResShiftDiffusion(**c["diffusion_params"])
+def _restorer(name: str, optimize: bool = False) -> Restorer:
+    return tiny_restorer(name, optimize=optimize)
+
+
+def _models(name: str) -> tuple[UNet, VQAutoencoder, ResShiftScheduler]:
+    restorer = _restorer(name)
+    assert restorer.latent.autoencoder is not None
+    return restorer.unet, restorer.latent.autoencoder, restorer.scheduler
 
 
 @cache
@@ -77,10 +79,9 @@ def test_unet_output_at_every_timestep(name: str) -> None:
 
 @pytest.mark.parametrize("name", PARITY_CASES)
 def test_encoder_gives_z_y(name: str) -> None:
-    _, autoencoder, diffusion = _models(name)
     t = _tensors(name)
     with torch.no_grad():
-        z_y = diffusion.encode(diffusion.upsample(t["lq"]), autoencoder)
+        z_y = _restorer(name).encode(t["lq"])
     assert _max_abs(z_y, t["z_y"]) < 1e-4
 
 
@@ -93,19 +94,18 @@ def test_decoder_with_quantisation(name: str) -> None:
     assert _max_abs(decoded, t["decoded"]) < 1e-3
 
 
-@pytest.mark.parametrize("fast", [True, False], ids=["fast-paths", "plain"])
+@pytest.mark.parametrize("fast", [True, False], ids=["optimised", "plain"])
 @pytest.mark.parametrize("name", PARITY_CASES)
 def test_full_sampling_with_recorded_noise(name: str, fast: bool) -> None:
-    unet, autoencoder, diffusion = _models(name)
+    """The stages of the single pass match upstream's latents and sample, and the single pass is
+    exactly their composition; optimised is channels_last with the inference shortcuts."""
+    restorer = _restorer(name, fast)
     t = _tensors(name)
-    set_fast_paths(unet, fast)
-    set_fast_paths(autoencoder, fast)
-    with torch.no_grad():
-        latent = diffusion.sample_latent(t["lq"], unet, autoencoder, mask=t.get("mask"), noise=_noise(name))
-        sample = diffusion.decode(latent, autoencoder)
-        direct = diffusion.sample(t["lq"], unet, autoencoder, mask=t.get("mask"), noise=_noise(name))
-    set_fast_paths(unet, True)
-    set_fast_paths(autoencoder, True)
+    with torch.inference_mode():
+        z_y = restorer.encode(t["lq"])
+        latent = restorer.chain(z_y, t["lq"], mask=t.get("mask"), noise=_noise(name))
+        sample = restorer.decode(latent)
+    direct = restorer.sample(t["lq"], mask=t.get("mask"), noise=_noise(name))
     assert _max_abs(latent, t["final_latent"]) < 1e-4
     assert _max_abs(sample, t["sample"]) < 1e-3
     assert torch.equal(direct, sample)
@@ -136,12 +136,11 @@ def _module_outputs(model: torch.nn.Module, prefix: str, names: list[str], run) 
 def test_every_named_activation(name: str) -> None:
     """Each upstream submodule's output is matched by ours, so a divergence shows where it starts.
 
-    The fast paths are off: they compute some modules' outputs without calling the submodules
-    upstream has (the upsampling convolution folded into the upsampling), so hooks would miss them.
+    The models are the plain ones: the fast paths compute some modules' outputs without calling the
+    submodules upstream has (the upsampling convolution folded into the upsampling), so hooks would
+    miss them.
     """
     unet, autoencoder, diffusion = _models(name)
-    set_fast_paths(unet, False)
-    set_fast_paths(autoencoder, False)
     t = _tensors(name)
     acts = load_file(str(reference_path("parity", name, "activations.safetensors")))
     last = diffusion.num_timesteps - 1
@@ -162,15 +161,48 @@ def test_every_named_activation(name: str) -> None:
             autoencoder,
             "autoencoder.",
             encoder_names,
-            lambda: autoencoder.encode(diffusion.upsample(t["lq"])),
+            lambda: autoencoder.encode(_restorer(name).latent.upsample(t["lq"])),
         )
     )
     got.update(
         _module_outputs(autoencoder, "autoencoder.", decoder_names, lambda: autoencoder.decode(t["z_y"]))
     )
-    set_fast_paths(unet, True)
-    set_fast_paths(autoencoder, True)
     assert sorted(got) == sorted(acts)
     worst = {k: _max_abs(got[k], acts[k]) for k in acts}
     bad = {k: v for k, v in worst.items() if v > 1e-3}
     assert not bad, f"first mismatches: {sorted(bad.items(), key=lambda kv: -kv[1])[:5]}"
+
+
+def test_one_step_model_on_the_sr_fixture() -> None:
+    """SinSR's path, checked on upstream's numbers: x_T = z_y + kappa sqrt(eta_T) noise_0 from the
+    fixture's own z_y and first draw; from the fixture's x_t as x_T, the single network call is
+    upstream's unet_out_t{T-1}; and the output is the decoding of that prediction, nothing else."""
+    restorer = dataclasses.replace(_restorer("sr-tiny"), sample_steps=1)
+    scheduler, t = restorer.scheduler, _tensors("sr-tiny")
+    last = scheduler.num_timesteps - 1
+    x_T = scheduler.prior_sample(t["z_y"], t["noise_0"])
+    expected_x_T = t["z_y"] + scheduler.kappa * scheduler.sqrt_etas[last] * t["noise_0"]
+    assert _max_abs(x_T, expected_x_T) < 1e-6
+    calls: list[torch.Tensor] = []
+
+    def network(x: torch.Tensor, timesteps: torch.Tensor, **cond: torch.Tensor) -> torch.Tensor:
+        calls.append(timesteps)
+        # Run the network on the fixture's x_t in place of our x_T: its output is then upstream's.
+        return restorer.unet(scheduler.scale_input(t["x_t"], timesteps), timesteps, **cond)
+
+    with torch.inference_mode():
+        prediction = sampler.sample(
+            scheduler, network, t["z_y"], iter([t["noise_0"]]), cond=_conditioning(t), steps=1
+        )
+        output = restorer.decode(prediction)
+        decoded = restorer.decode(t["unet_out_t" + str(last)])
+    assert [int(c[0]) for c in calls] == [last]
+    assert _max_abs(prediction, t[f"unet_out_t{last}"]) < 1e-4
+    assert _max_abs(output, decoded) < 1e-5
+    # Through the restorer: one call at t = T-1 on the prior sample, decoded.
+    direct = restorer.sample(t["lq"], noise=[t["noise_0"]])
+    with torch.inference_mode():
+        by_hand = restorer.decode(
+            restorer.unet(scheduler.scale_input(x_T, torch.tensor([last])), torch.tensor([last]), lq=t["lq"])
+        )
+    assert _max_abs(direct, by_hand) < 1e-5

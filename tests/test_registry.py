@@ -267,7 +267,7 @@ VALIDATION_CASES = {
     "unknown key": (
         "[models.realsr-v3]\nstep = 4\n",
         "models.realsr-v3.step: unknown key; expected one of description, task, scale, steps, "
-        "autoencoder, unet, diffusion, repo_id, filename, revision, url, sha256, path",
+        "sample_steps, autoencoder, unet, diffusion, repo_id, filename, revision, url, sha256, path",
     ),
     "unknown autoencoder key": (
         "[autoencoders.vq-f4]\nembed = 3\n",

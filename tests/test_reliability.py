@@ -5,7 +5,7 @@ the tiny random-weight models of :mod:`tinymodels`, and the installed ``resshift
 subprocess where the exit code or a signal is the point.
 """
 
-# Case -> test that proves it. "here" is this file; I = test_imageio.py, C = test_cli.py,
+# Case -> test that proves it. "here" is this file; I = test_imagefiles.py, C = test_cli.py,
 # H = test_hub.py, K = test_checkpoints.py, R = test_registry.py.
 #
 # Bad images and masks (one-line error or notice, documented exit code, the batch goes on)
@@ -119,9 +119,9 @@ from test_cli import (
 from test_hub import hf_home, publish, registry_for, server, sha256
 from tinymodels import _table, registry_entries
 
-from resshift_cli import hub, imageio
+from resshift_cli import hub, imagefiles
 from resshift_cli.hub import ChecksumError, fetch
-from resshift_cli.imageio import ImageError, load_image
+from resshift_cli.imagefiles import ImageError, load_image
 from resshift_cli.pipelines import tasks
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
@@ -389,7 +389,7 @@ def test_overwriting_an_input_goes_through_a_temp_file(
         renames.append((Path(source), Path(target)))
         real_replace(source, target)
 
-    monkeypatch.setattr(imageio.os, "replace", recording_replace)
+    monkeypatch.setattr(imagefiles.os, "replace", recording_replace)
     result = restore("sr", registry, src, "-o", tmp_path, "--overwrite")
     assert result.exit_code == 0, result.stderr
     ((temp, target),) = [(t, d) for t, d in renames if d == src]
@@ -533,9 +533,9 @@ def test_ctrl_c_right_after_the_temp_file_is_created_leaves_nothing(
         real_open(file, mode, *args, **kwargs).close()
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(imageio, "open", open_then_interrupted, raising=False)
+    monkeypatch.setattr(imagefiles, "open", open_then_interrupted, raising=False)
     with pytest.raises(KeyboardInterrupt):
-        imageio.save_image(tmp_path / "out.png", np.zeros((4, 4, 3), np.float32))
+        imagefiles.save_image(tmp_path / "out.png", np.zeros((4, 4, 3), np.float32))
     assert list(tmp_path.iterdir()) == []
 
 
@@ -548,7 +548,7 @@ def test_an_unexpected_error_fails_one_image_only(
     one line asking for a report; the batch goes on and no traceback is printed."""
     for name in "abc":
         write(tmp_path / "in" / f"{name}.png", noise(8, 8, seed=ord(name)))
-    real = tasks.super_resolve
+    real = tasks.restore_prepared
     calls: list[int] = []
 
     def broken_for_b(*args: Any, **kwargs: Any) -> Any:
@@ -557,7 +557,7 @@ def test_an_unexpected_error_fails_one_image_only(
             raise RuntimeError("something no test foresaw\nsecond line")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(tasks, "super_resolve", broken_for_b)
+    monkeypatch.setattr(tasks, "restore_prepared", broken_for_b)
     result = restore("sr", registry, tmp_path / "in", "-o", tmp_path / "out")
     assert result.exit_code == 1
     reason = "internal error (RuntimeError: something no test foresaw); please report it"

@@ -23,6 +23,7 @@ from safetensors.torch import load_file
 
 from resshift_cli.checkpoints import compact_state_dict, load_into, read_state_dict, save_safetensors
 from resshift_cli.models.unet import UNet
+from resshift_cli.pipelines.options import RunOptions
 from resshift_cli.registry import load_registry
 from resshift_cli.training.config import (
     OptimConfig,
@@ -383,7 +384,7 @@ def test_smoke_run_loss_goes_down_and_writes_checkpoints(tmp_path: Path) -> None
     from resshift_cli.pipelines.loading import load_restorer
 
     registry = load_registry(result.registry)
-    restorer = load_restorer(registry.model("tiny"), registry, device=torch.device("cpu"), precision=None)
+    restorer = load_restorer("tiny", registry=registry, device="cpu")
     out = restorer.restore(torch.rand(1, 3, 8, 8))
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
@@ -441,9 +442,10 @@ def test_final_weights_can_be_stored_in_fp16(tmp_path: Path) -> None:
 
     def restore(registry_file: Path) -> torch.Tensor:
         registry = load_registry(registry_file)
-        restorer = load_restorer(registry.model("tiny"), registry, device=torch.device("cpu"), precision=None)
+        restorer = load_restorer("tiny", registry=registry, device="cpu")
         assert next(restorer.unet.parameters()).dtype == torch.float32  # loading casts back
-        return restorer.restore(torch.linspace(0, 1, 3 * 8 * 8).reshape(1, 3, 8, 8), seed=0)
+        image = torch.linspace(0, 1, 3 * 8 * 8).reshape(1, 3, 8, 8)
+        return restorer.restore(image, options=RunOptions(seed=0))
 
     path = _config_file(tmp_path, train={"steps": 2})
     full = run_training(load_train_config(path), resume=False, quiet=True)

@@ -13,7 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
 from reference import case, reference_path
+
+from resshift_cli import ResShiftScheduler, Restorer, UNet, VQAutoencoder
+from resshift_cli.checkpoints import load_into, read_state_dict
+from resshift_cli.pipelines.latent import LatentSpace
 
 TINY_MODELS = {
     "tiny-sr": ("sr-tiny", "sr"),
@@ -89,3 +94,21 @@ def write_registry(directory: Path, defaults: bool = False) -> Path:
     path = directory / "tiny.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
+
+
+def tiny_restorer(case_name: str, optimize: bool = False, **overrides: Any) -> Restorer:
+    """A CPU restorer of the random-weight reference model ``case_name`` (fresh networks each
+    time, so a test may change them), built as upstream's config says. ``optimize`` False is
+    the plain computation upstream does; ``overrides`` replace diffusion parameters."""
+    c = case(case_name)
+    unet = UNet(**c["unet_params"])
+    autoencoder = VQAutoencoder(**c["autoencoder_params"])
+    load_into(unet, read_state_dict(reference_path("parity", case_name, "unet.safetensors")), "unet")
+    load_into(
+        autoencoder,
+        read_state_dict(reference_path("parity", case_name, "autoencoder.safetensors")),
+        "autoencoder",
+    )
+    params = {**c["diffusion_params"], **overrides}
+    latent = LatentSpace.from_params(autoencoder, params)
+    return Restorer(unet, ResShiftScheduler(**params), latent, torch.device("cpu"), optimize=optimize)

@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from resshift_cli import interrupts
-from resshift_cli.imageio import IMAGE_SUFFIXES, INPUT_SUFFIXES, output_extension
+from resshift_cli.errors import UsageError
+from resshift_cli.imagefiles import IMAGE_SUFFIXES, INPUT_SUFFIXES, find_images, output_extension
 
 EXIT_OK = 0
 EXIT_SOME_FAILED = 1
@@ -23,7 +24,7 @@ EXIT_MODEL = 3
 EXIT_INTERRUPTED = 130
 
 
-class PlanError(Exception):
+class PlanError(UsageError):
     """The inputs and output options do not make a valid run (a usage error)."""
 
 
@@ -88,7 +89,7 @@ def collect_inputs(
     ignored: list[Path] = []
     for path in paths:
         if path.is_dir():
-            found, skipped = _scan(path, recursive, exclude)
+            found, skipped = find_images(path, recursive=recursive, exclude=exclude)
             images += [(p, path) for p in found]
             ignored += skipped
         elif path.exists():
@@ -110,31 +111,6 @@ def collect_inputs(
         if count > 1
     ]
     return unique, ignored, notices
-
-
-def _scan(root: Path, recursive: bool, exclude: Path | None = None) -> tuple[list[Path], list[Path]]:
-    found: list[Path] = []
-    skipped: list[Path] = []
-    seen: set[tuple[int, int]] = set()
-    if exclude is not None and exclude.is_dir() and not os.path.samefile(exclude, root):
-        # Outputs written inside an input directory are not inputs of the next run.
-        st = os.stat(exclude)
-        seen.add((st.st_dev, st.st_ino))
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen:
-            dirnames[:] = []
-            continue
-        seen.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        for name in sorted(filenames):
-            p = Path(dirpath) / name
-            if name.startswith("."):
-                continue
-            (found if p.suffix.lower() in INPUT_SUFFIXES else skipped).append(p)
-        if not recursive:
-            dirnames[:] = []
-    return found, skipped
 
 
 def plan_jobs(
@@ -283,5 +259,3 @@ def partition_existing(jobs: Iterable[Job], overwrite: bool) -> tuple[list[Job],
             run.append(job)
     return run, skipped, refused
 
-
-Runner = Callable[[Job, Callable[[int, int], None]], Record]

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from resshift_cli.atomic import write_atomically
+from resshift_cli.errors import ModelError
 
 PICKLE_SUFFIXES = (".pth", ".pt", ".ckpt", ".bin")
 SAFETENSORS_SUFFIXES = (".safetensors",)
@@ -22,7 +23,7 @@ _PREFIXES = ("module.", "_orig_mod.")
 _WRAPPERS = ("state_dict", "params_ema", "model")
 
 
-class CheckpointError(Exception):
+class CheckpointError(ModelError):
     """A checkpoint could not be read or does not fit the model it was loaded into."""
 
 

@@ -13,17 +13,21 @@ from typing import Any
 
 import click
 
-from resshift_cli import __version__
+from resshift_cli import __version__, interrupts
+from resshift_cli.errors import ResShiftError, UsageError
+from resshift_cli.pipelines.options import SEED, TILE_OVERLAP
+from resshift_cli.progress import printable
 from resshift_cli.runtime import DEVICE_PATTERN, PRECISIONS
 
 EXIT_CODES = """\b
 Exit codes:
-  0  every input restored (or skipped because its output exists)
-  1  some inputs failed; the others were written
-  2  usage error (bad options, no inputs)
-  3  the model could not be loaded (weights missing, offline, wrong file, invalid registry,
-     device unavailable)
-  130 interrupted (Ctrl-C); finished outputs are kept, a re-run does the rest
+  0    every input restored (or skipped because its output exists)
+  1    some inputs failed; the others were written
+  2    usage error (bad options, no inputs)
+  3    the model could not be loaded (weights missing, offline, wrong file, invalid registry,
+       device unavailable)
+  130  interrupted (Ctrl-C); 143 and 129 for SIGTERM and SIGHUP; finished outputs are kept,
+       a re-run does the rest
 """
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -56,7 +60,34 @@ SEED_RANGE = click.IntRange(0, 2**64 - 1)
 """Seeds torch's generators accept: 0 to 2**64 - 1."""
 
 
-def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _handled(after_interrupt: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Run a command with every expected failure as one line and its exit code: a usage error as
+    click shows one (exit 2), any other :class:`ResShiftError` as ``error: MESSAGE``, and Ctrl-C,
+    SIGTERM or SIGHUP as how far the command got (``after_interrupt``), exit 128 + the signal."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(f)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with interrupts.termination_as_interrupt():
+                try:
+                    return f(*args, **kwargs)
+                except UsageError as exc:
+                    raise click.UsageError(str(exc)) from None
+                except ResShiftError as exc:
+                    click.echo(f"error: {printable(str(exc))}", err=True)
+                    sys.exit(exc.exit_code)
+                except KeyboardInterrupt as exc:
+                    report = getattr(exc, "message", None)
+                    line = report() if callable(report) else f"{interrupts.describe(exc)}; {after_interrupt}"
+                    click.echo(line, err=True)
+                    sys.exit(interrupts.exit_code(exc))
+
+        return wrapper
+
+    return decorate
+
+
+def _restore_options(task: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Options every restore command shares, in the order --help shows them."""
 
     def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -87,7 +118,7 @@ def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Cal
             click.option(
                 "--seed",
                 type=SEED_RANGE,
-                default=12345,
+                default=SEED,
                 show_default=True,
                 help="Random seed (12345 is upstream's).",
             ),
@@ -100,7 +131,7 @@ def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Cal
             click.option(
                 "--tile-overlap",
                 type=click.IntRange(min=0),
-                default=default_overlap,
+                default=TILE_OVERLAP[task],
                 show_default=True,
                 help="Overlap of neighbouring tiles, input pixels.",
             ),
@@ -109,7 +140,7 @@ def _restore_options(default_overlap: int) -> Callable[[Callable[..., Any]], Cal
                 type=click.IntRange(min=1),
                 default=1,
                 show_default=True,
-                help="Tiles per forward pass.",
+                help="Tiles, or images of one size, per forward pass.",
             ),
             click.option(
                 "--device",
@@ -170,46 +201,27 @@ def main() -> None:
 
 
 def _run_restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[str, Any]) -> None:
-    from resshift_cli import batch, interrupts
-
-    with interrupts.termination_as_interrupt():
-        try:
-            code = _restore(task, inputs, masks, kw)
-        except batch.Interrupted as exc:
-            click.echo(exc.message(), err=True)
-            sys.exit(interrupts.exit_code(exc))
-        except KeyboardInterrupt as exc:
-            click.echo(f"{interrupts.describe(exc)}; finished outputs are kept", err=True)
-            sys.exit(interrupts.exit_code(exc))
-    sys.exit(code)
-
-
-def _restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[str, Any]) -> int:
     from resshift_cli import batch, restore
-    from resshift_cli.imageio import DEFAULT_MAX_PIXELS
+    from resshift_cli.imagefiles import DEFAULT_MAX_PIXELS
+    from resshift_cli.pipelines.options import RunOptions
 
-    try:
-        plan = batch.plan_jobs(
-            list(inputs),
-            kw["output"],
-            recursive=kw["recursive"],
-            suffix=kw["suffix"],
-            ext=kw["ext"],
-            masks=masks,
-        )
-    except batch.PlanError as exc:
-        raise click.UsageError(str(exc)) from None
+    plan = batch.plan_jobs(
+        list(inputs), kw["output"], recursive=kw["recursive"], suffix=kw["suffix"], ext=kw["ext"], masks=masks
+    )
+    options = RunOptions(
+        seed=kw["seed"],
+        tile=kw["tile"],
+        overlap=kw["tile_overlap"],
+        batch_size=kw["batch_size"],
+        tta=kw.get("tta", False),
+    )
     settings = restore.RestoreSettings(
         task=task,
         model=kw["model"],
         checkpoint=kw["checkpoint"],
         autoencoder=kw["autoencoder"],
         registry=kw["registry"],
-        seed=kw["seed"],
-        tile=kw["tile"],
-        overlap=kw["tile_overlap"],
-        batch_size=kw["batch_size"],
-        tta=kw.get("tta", False),
+        options=options,
         device=kw["device"],
         precision="fp32" if kw["force_fp32"] else kw["precision"],
         overwrite=kw["overwrite"],
@@ -217,17 +229,18 @@ def _restore(task: str, inputs: tuple[Path, ...], masks: Path | None, kw: dict[s
         json=kw["json_records"],
         max_pixels=kw["max_pixels"] or DEFAULT_MAX_PIXELS,
     )
-    return restore.run(plan, settings)
+    sys.exit(restore.run(plan, settings))
 
 
 @main.command(context_settings=CONTEXT, epilog=EXIT_CODES)
 @click.argument("inputs", nargs=-1, required=True, type=_PathArg)
-@_restore_options(default_overlap=16)
+@_restore_options("sr")
 @click.option(
     "--tta",
     is_flag=True,
     help="Average the restorations of the 8 flips and rotations (8x the time).",
 )
+@_handled("finished outputs are kept")
 def sr(inputs: tuple[Path, ...], **kw: Any) -> None:
     """Super-resolve images x4 (default model realsr-v3, 4 steps).
 
@@ -247,7 +260,8 @@ def sr(inputs: tuple[Path, ...], **kw: Any) -> None:
     help="Mask image (white = hole), same size as the image; for several inputs a directory "
     "of masks matched by file stem.",
 )
-@_restore_options(default_overlap=64)
+@_restore_options("inpaint")
+@_handled("finished outputs are kept")
 def inpaint(inputs: tuple[Path, ...], masks: Path, **kw: Any) -> None:
     """Fill the white area of a mask (default model inpaint-imagenet; inpaint-face for faces).
 
@@ -264,7 +278,8 @@ def inpaint(inputs: tuple[Path, ...], masks: Path, **kw: Any) -> None:
     type=click.Path(path_type=Path, file_okay=False),
     help="A directory of aligned faces to restore.",
 )
-@_restore_options(default_overlap=64)
+@_restore_options("face")
+@_handled("finished outputs are kept")
 def face(inputs: tuple[Path, ...], batch_dir: Path | None, **kw: Any) -> None:
     """Blind restoration of aligned 512x512 faces (model faceir).
 
@@ -273,7 +288,7 @@ def face(inputs: tuple[Path, ...], batch_dir: Path | None, **kw: Any) -> None:
     if batch_dir is not None:
         inputs = (*inputs, batch_dir)
     if not inputs:
-        raise click.UsageError("give face images, or --batch DIR")
+        raise UsageError("give face images, or --batch DIR")
     _run_restore("face", inputs, None, kw)
 
 
@@ -282,30 +297,9 @@ def weights() -> None:
     """List, download, verify and convert model weights."""
 
 
-def _weights_errors(f: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn registry and weights errors into one-line messages with exit code 3, Ctrl-C into 130."""
-
-    @functools.wraps(f)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        from resshift_cli.checkpoints import CheckpointError
-        from resshift_cli.hub import WeightsError
-        from resshift_cli.registry import RegistryError
-
-        try:
-            return f(*args, **kwargs)
-        except (RegistryError, WeightsError, CheckpointError) as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(3)
-        except KeyboardInterrupt:
-            click.echo("interrupted; an unfinished download resumes on the next run", err=True)
-            sys.exit(130)
-
-    return wrapper
-
-
 @weights.command("list", context_settings=CONTEXT)
 @_registry_option
-@_weights_errors
+@_handled("an unfinished download resumes on the next run")
 def weights_list(registry: Path | None) -> None:
     """Show every model and autoencoder, and whether it is on disk."""
     from resshift_cli.hub import cached_path
@@ -334,7 +328,7 @@ def weights_list(registry: Path | None) -> None:
 @click.argument("names", nargs=-1, required=True)
 @_registry_option
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
-@_weights_errors
+@_handled("an unfinished download resumes on the next run")
 def weights_fetch(names: tuple[str, ...], registry: Path | None, quiet: bool) -> None:
     """Download (and convert to safetensors) the named weights and their autoencoders."""
     from resshift_cli.hub import fetch
@@ -350,7 +344,7 @@ def weights_fetch(names: tuple[str, ...], registry: Path | None, quiet: bool) ->
 @weights.command("verify", context_settings=CONTEXT)
 @click.argument("names", nargs=-1)
 @_registry_option
-@_weights_errors
+@_handled("an unfinished download resumes on the next run")
 def weights_verify(names: tuple[str, ...], registry: Path | None) -> None:
     """Check downloaded weights (sha256 where known, else that they load). Default: all on disk."""
     from resshift_cli.hub import cached_path, verify
@@ -373,7 +367,7 @@ def weights_verify(names: tuple[str, ...], registry: Path | None) -> None:
 @weights.command("path", context_settings=CONTEXT)
 @click.argument("name")
 @_registry_option
-@_weights_errors
+@_handled("an unfinished download resumes on the next run")
 def weights_path(name: str, registry: Path | None) -> None:
     """Print the local file of NAME (exit 1 when it is not on disk)."""
     from resshift_cli.hub import cached_path
@@ -389,7 +383,7 @@ def weights_path(name: str, registry: Path | None) -> None:
 @weights.command("convert", context_settings=CONTEXT)
 @click.argument("src", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.argument("dst", type=click.Path(path_type=Path, dir_okay=False))
-@_weights_errors
+@_handled("an unfinished download resumes on the next run")
 def weights_convert(src: Path, dst: Path) -> None:
     """Convert a .pth checkpoint into .safetensors (read with weights_only: code is refused)."""
     from resshift_cli.hub import convert
@@ -414,7 +408,7 @@ def train(config: Path, overrides: tuple[str, ...], resume: bool, init: str | No
 
     from resshift_cli.checkpoints import CheckpointError
     from resshift_cli.hub import WeightsError
-    from resshift_cli.imageio import ImageError
+    from resshift_cli.imagefiles import ImageError
     from resshift_cli.registry import RegistryError
     from resshift_cli.runtime import RuntimeSetupError
     from resshift_cli.training.config import TrainConfigError, load_train_config

@@ -38,6 +38,7 @@ from typing import Any
 from huggingface_hub import constants
 
 from resshift_cli import __version__
+from resshift_cli.errors import ModelError
 from resshift_cli.registry import (
     BUNDLED_SR_MODEL,
     AutoencoderSpec,
@@ -55,7 +56,7 @@ _TIMEOUT = 30
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 
 
-class WeightsError(Exception):
+class WeightsError(ModelError):
     """Weights could not be found, downloaded, verified or converted (one-line message)."""
 
 

@@ -35,7 +35,7 @@ def exit_code(exc: BaseException) -> int:
 
 
 def describe(exc: BaseException) -> str:
-    """"interrupted" for Ctrl-C, "terminated by SIGTERM" (or another name) for a signal."""
+    """ "interrupted" for Ctrl-C, "terminated by SIGTERM" (or another name) for a signal."""
     number = signal_number(exc)
     if number == signal.SIGINT:
         return "interrupted"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from resshift_cli.imageio import ImageError, is_image_path, load_image
+from resshift_cli.imagefiles import IMAGE_SUFFIXES, ImageError, find_images, load_image
 
 __all__ = [
     "EvalResult",
@@ -224,12 +224,11 @@ def _json_number(value: float | None) -> float | str | None:
 
 def _images_by_stem(folder: Path, suffix: str) -> dict[str, list[Path]]:
     found: dict[str, list[Path]] = {}
-    for path in sorted(folder.iterdir()):
-        if path.is_file() and is_image_path(path):
-            stem = path.stem
-            if suffix and stem.endswith(suffix) and len(stem) > len(suffix):
-                stem = stem[: -len(suffix)]
-            found.setdefault(stem, []).append(path)
+    for path in find_images(folder, recursive=False, suffixes=IMAGE_SUFFIXES)[0]:
+        stem = path.stem
+        if suffix and stem.endswith(suffix) and len(stem) > len(suffix):
+            stem = stem[: -len(suffix)]
+        found.setdefault(stem, []).append(path)
     return found
 
 
@@ -354,13 +353,11 @@ def make_lr_images(ground_truth: Path, out: Path, scale: int) -> list[Path]:
     """
     import torch
 
-    from resshift_cli.imageio import save_image
+    from resshift_cli.imagefiles import save_image
     from resshift_cli.training.degradations import bicubic_degrade
 
     written = []
-    for path in sorted(Path(ground_truth).iterdir()):
-        if not (path.is_file() and is_image_path(path)):
-            continue
+    for path in find_images(ground_truth, recursive=False, suffixes=IMAGE_SUFFIXES)[0]:
         rgb = load_image(path).rgb
         h, w = rgb.shape[0] // scale * scale, rgb.shape[1] // scale * scale
         hq = torch.from_numpy(np.ascontiguousarray(rgb[:h, :w])).permute(2, 0, 1)[None]

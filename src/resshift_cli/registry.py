@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from resshift_cli.errors import ModelError
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -39,7 +41,7 @@ _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 Key = tuple[str, ...]
 
 
-class RegistryError(Exception):
+class RegistryError(ModelError):
     """The registry files are unreadable or invalid, or a name is not in the registry."""
 
 
@@ -88,6 +90,14 @@ class ModelSpec:
     diffusion: dict[str, Any]
     autoencoder: str | None
     source: WeightSource
+    sample_steps: int | None = None
+    """Network calls when sampling, where they differ from ``steps`` (the schedule it was trained
+    with): 1 for a model distilled into one step. None: every step of the schedule."""
+
+    @property
+    def network_calls(self) -> int:
+        """How many times sampling calls the network."""
+        return self.sample_steps or self.steps
 
 
 @dataclass(frozen=True)
@@ -257,7 +267,17 @@ def _show(value: object) -> str:
 
 
 _SOURCE_KEYS = ("repo_id", "filename", "revision", "url", "sha256", "path")
-_MODEL_KEYS = ("description", "task", "scale", "steps", "autoencoder", "unet", "diffusion", *_SOURCE_KEYS)
+_MODEL_KEYS = (
+    "description",
+    "task",
+    "scale",
+    "steps",
+    "sample_steps",
+    "autoencoder",
+    "unet",
+    "diffusion",
+    *_SOURCE_KEYS,
+)
 _AUTOENCODER_KEYS = ("description", "embed_dim", "n_embed", "ddconfig", *_SOURCE_KEYS)
 
 
@@ -385,6 +405,14 @@ class _Validator:
             raise self.fail((*key, "task"), f"unknown task {_show(task)}; expected one of {', '.join(TASKS)}")
         scale = self.positive_int((*key, "scale"), raw["scale"])
         steps = self.positive_int((*key, "steps"), raw["steps"])
+        sample_steps = None
+        if "sample_steps" in raw:
+            sample_steps = self.positive_int((*key, "sample_steps"), raw["sample_steps"])
+            if sample_steps not in (1, steps):
+                raise self.fail(
+                    (*key, "sample_steps"),
+                    f"expected 1 (a model distilled into one step) or steps = {steps}, got {sample_steps}",
+                )
         unet = self.table((*key, "unet"), raw["unet"])
         diffusion = self.table((*key, "diffusion"), raw["diffusion"])
         for field, value, upstream in (("scale", scale, "sf"), ("steps", steps, "steps")):
@@ -410,6 +438,7 @@ class _Validator:
             task=task,
             scale=scale,
             steps=steps,
+            sample_steps=None if sample_steps == steps else sample_steps,
             description=self.string((*key, "description"), raw["description"])
             if "description" in raw
             else "",

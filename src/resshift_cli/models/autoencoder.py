@@ -229,7 +229,10 @@ class VectorQuantizer(nn.Module):
         super().__init__()
         self.n_embed = n_embed
         self.embed_dim = embed_dim
-        self.embedding = nn.Embedding(n_embed, embed_dim)
+        # Upstream's initial codebook (uniform in +-1/n_embed); handing it over skips Embedding's own
+        # normal initialisation, which on the meta device would import torch's compiler stack.
+        codebook = torch.empty(n_embed, embed_dim).uniform_(-1.0 / n_embed, 1.0 / n_embed)
+        self.embedding = nn.Embedding(n_embed, embed_dim, _weight=codebook)
 
     def forward(self, z: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
         """Replace each latent vector by its nearest codebook entry.
@@ -269,10 +272,6 @@ class VQAutoencoder(nn.Module):
     def downsample_factor(self) -> int:
         """Pixels per latent position along each axis (4 or 8)."""
         return 2 ** (len(self.ddconfig["ch_mult"]) - 1)
-
-    @property
-    def latent_channels(self) -> int:
-        return self.embed_dim
 
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         """Image in [-1, 1] -> latent, before quantisation."""

@@ -43,8 +43,9 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor
     ``(i // window) * window + j % window`` gives; it reproduces upstream's stored buffers
     exactly (see the tests). For maps of other shapes the same rule is applied.
     """
-    rows = torch.arange(h) // window * window
-    coord = rows[:, None] + (torch.arange(w) % window)[None, :]
+    # Index arithmetic on the CPU, also while a model is built on the meta device.
+    rows = torch.arange(h, device="cpu") // window * window
+    coord = rows[:, None] + (torch.arange(w, device="cpu") % window)[None, :]
     label = (coord >= h - window).long() + (coord >= h - shift).long()
     windows = window_partition(label[None, :, :, None].float(), window).squeeze(-1)
     mask = windows.unsqueeze(1) - windows.unsqueeze(2)
@@ -53,7 +54,8 @@ def shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor
 
 def relative_position_index(window: int) -> torch.Tensor:
     """Index into the relative-position bias table for every pair of positions in a window."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij"))
+    axis = torch.arange(window, device="cpu")
+    coords = torch.stack(torch.meshgrid(axis, axis, indexing="ij"))
     flat = coords.flatten(1)
     rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0).contiguous()
     rel[:, :, 0] += window - 1

@@ -1,94 +1,89 @@
-"""Build a ready :class:`Restorer` from a registry entry: resolve weights, construct, load strictly."""
+"""A ready :class:`Restorer` from a registry name: resolve the weights, build the networks without
+random initialisation, load them strictly, place them on the device."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 
 from resshift_cli.checkpoints import load_into, read_state_dict
-from resshift_cli.diffusion import ResShiftDiffusion
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
+from resshift_cli.pipelines.latent import LatentSpace
 from resshift_cli.pipelines.restorer import Restorer
-from resshift_cli.registry import ModelSpec, Registry, RegistryError
+from resshift_cli.registry import ModelSpec, Registry, RegistryError, load_registry
+from resshift_cli.runtime import autocast_dtype, resolve_device
+from resshift_cli.scheduler import ResShiftScheduler
 
-_INIT_FUNCTIONS = (
-    "uniform_",
-    "normal_",
-    "trunc_normal_",
-    "kaiming_uniform_",
-    "kaiming_normal_",
-    "xavier_uniform_",
-    "xavier_normal_",
-    "zeros_",
-    "ones_",
-    "constant_",
-)
-
-
-@contextlib.contextmanager
-def skip_init() -> Iterator[None]:
-    """Build modules without random initialisation: every weight is about to come from a file.
-
-    Initialising 170 M parameters costs about a second on the CPU. (Building on the meta device
-    avoids it too, but imports torch's compiler stack, which costs as much.)
-    """
-    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
-
-    def keep(tensor: torch.Tensor, *_: object, **__: object) -> torch.Tensor:
-        return tensor
-
-    try:
-        for name in _INIT_FUNCTIONS:
-            setattr(torch.nn.init, name, keep)
-        yield
-    finally:
-        for name, function in saved.items():
-            setattr(torch.nn.init, name, function)
+Module = TypeVar("Module", bound=torch.nn.Module)
 
 
 def load_restorer(
-    spec: ModelSpec,
-    registry: Registry,
+    model: str | ModelSpec,
     *,
-    device: torch.device,
-    precision: torch.dtype | None,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    registry: Registry | str | os.PathLike[str] | None = None,
     checkpoint: str | os.PathLike[str] | None = None,
     autoencoder: str | os.PathLike[str] | None = None,
-    quiet: bool = False,
+    quiet: bool = True,
 ) -> Restorer:
-    """Resolve ``spec``'s weights (explicit files first), build its networks and load them strictly.
+    """The model called ``model`` in the registry, ready to restore on ``device``.
 
-    Modules are built without random initialisation and filled from the files (safetensors are
-    memory-mapped), then moved to ``device``.
+    ``device`` is "auto" (CUDA, then MPS, then the CPU), "cpu", "cuda", "cuda:N" or "mps";
+    ``precision`` "auto" (fp16 autocast on CUDA, as upstream; fp32 elsewhere), "fp32", "fp16" or
+    "bf16". ``registry`` is a :class:`Registry` or a user registry file merged over the built-in
+    one. ``checkpoint`` and ``autoencoder`` are files that stand in for the registry's weights.
+    Weights missing from the cache are downloaded (progress bars unless ``quiet``). Errors are
+    :class:`~resshift_cli.errors.ModelError` subclasses with one-line messages.
     """
     from resshift_cli.hub import resolve_model
 
+    if not isinstance(registry, Registry):
+        registry = load_registry(registry)
+    spec = registry.model(model) if isinstance(model, str) else model
+    device = resolve_device(device) if isinstance(device, str) else device
+    dtype = autocast_dtype(device, precision)
     files = resolve_model(spec, registry, checkpoint, autoencoder, quiet=quiet)
-    with _registry_parameters(registry, f"models.{spec.name}.unet"), skip_init():
-        unet = UNet(**spec.unet)
-    # Loaded in the restorer's layout: its move to that layout then copies nothing.
     layout = Restorer.layout()
-    load_into(unet, read_state_dict(files.unet_path), f"the UNet of {spec.name!r}", memory_format=layout)
+    unet = _built(UNet, registry, f"models.{spec.name}.unet", **spec.unet)
+    load_into(
+        unet, read_state_dict(files.unet_path, device), f"the UNet of {spec.name!r}", memory_format=layout
+    )
     ae_model = None
     if spec.autoencoder is not None:
         ae_spec = registry.autoencoder(spec.autoencoder)
-        with _registry_parameters(registry, f"autoencoders.{ae_spec.name}"), skip_init():
-            ae_model = VQAutoencoder(ae_spec.embed_dim, ae_spec.n_embed, ae_spec.ddconfig)
+        ae_model = _built(
+            VQAutoencoder,
+            registry,
+            f"autoencoders.{ae_spec.name}",
+            ae_spec.embed_dim,
+            ae_spec.n_embed,
+            ae_spec.ddconfig,
+        )
         if files.autoencoder_path is None:
-            raise ValueError(f"no autoencoder weights for {spec.name!r}")
+            raise RegistryError(f"no autoencoder weights for {spec.name!r}")
         load_into(
             ae_model,
-            read_state_dict(files.autoencoder_path),
+            read_state_dict(files.autoencoder_path, device),
             f"the autoencoder {ae_spec.name!r}",
             memory_format=layout,
         )
     with _registry_parameters(registry, f"models.{spec.name}.diffusion"):
-        diffusion = ResShiftDiffusion(**spec.diffusion)
-    return Restorer(unet, ae_model, diffusion, device, precision)
+        scheduler = ResShiftScheduler(**spec.diffusion)
+    latent = LatentSpace.from_params(ae_model, spec.diffusion)
+    return Restorer(unet, scheduler, latent, device, dtype, sample_steps=spec.sample_steps)
+
+
+def _built(cls: type[Module], registry: Registry, key: str, *args: object, **kwargs: object) -> Module:
+    """``cls(*args, **kwargs)`` on the meta device: no memory and no random initialisation, since
+    every tensor is about to come from a file (loaded with ``assign``)."""
+    with _registry_parameters(registry, key), torch.device("meta"):
+        return cls(*args, **kwargs)
 
 
 @contextlib.contextmanager

@@ -33,7 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from resshift_cli.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
-from resshift_cli.diffusion import LOSSES
+from resshift_cli.errors import UsageError
+from resshift_cli.scheduler import LOSSES
 from resshift_cli.training.degradations import DegradationConfig, check_shrink_range
 
 if sys.version_info >= (3, 11):
@@ -92,7 +93,7 @@ _ADDED_LATER: dict[Key, Any] = {
 """Keys added after runs had been checkpointed, with the default that matches what those runs did."""
 
 
-class TrainConfigError(Exception):
+class TrainConfigError(UsageError):
     """The training configuration is unreadable or invalid; the message names the key."""
 
 

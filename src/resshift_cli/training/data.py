@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from resshift_cli.imageio import is_image_path, load_image
+from resshift_cli.imagefiles import IMAGE_SUFFIXES, find_images, load_image
 from resshift_cli.training.config import TrainConfigError
 from resshift_cli.training.degradations import (
     DegradationConfig,
@@ -65,10 +65,7 @@ def list_images(folder: Path, min_side: int) -> tuple[list[Path], int]:
     """
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder of images")
-    candidates = sorted(
-        (p for p in folder.rglob("*") if p.is_file() and is_image_path(p)),
-        key=lambda p: p.relative_to(folder).as_posix(),
-    )
+    candidates, _ = find_images(folder, suffixes=IMAGE_SUFFIXES)
     usable = []
     for path in candidates:
         try:

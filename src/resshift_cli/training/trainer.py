@@ -2,8 +2,8 @@
 
 One step: take the global batch of (HQ crop, LQ) pairs for this step, encode HQ and the bicubic
 upsampled LQ (latent space, frozen autoencoder) or keep them as pixels, draw timesteps and noise,
-and minimise ``diffusion.training_loss`` with AdamW; then update the EMA weights. The network is
-conditioned on :meth:`ResShiftDiffusion.network_lq`: the LQ itself in latent space, as upstream,
+and minimise ``ResShiftScheduler.training_loss`` with AdamW; then update the EMA weights. The network is
+conditioned on :meth:`LatentSpace.network_lq`: the LQ itself in latent space, as upstream,
 and its bicubic upsampling in pixel space, where the network runs at the output size and its
 feature extractor could only shrink the LQ (so a pixel-space model has ``lq_size == image_size``);
 the sampler uses the same rule, so trained models restore with ``resshift sr`` unchanged.
@@ -50,12 +50,14 @@ import torch.distributed as dist
 from torch import nn
 
 from resshift_cli.checkpoints import compact_state_dict, load_into, read_state_dict, save_safetensors
-from resshift_cli.diffusion import ResShiftDiffusion
 from resshift_cli.distributed import World
 from resshift_cli.metrics import psnr, ssim
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
+from resshift_cli.pipelines.latent import LatentSpace
+from resshift_cli.pipelines.restorer import Restorer
 from resshift_cli.runtime import resolve_device
+from resshift_cli.scheduler import ResShiftScheduler
 from resshift_cli.training.config import (
     OptimConfig,
     TrainConfig,
@@ -232,8 +234,8 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
 @dataclass
 class _Models:
     unet: UNet
-    diffusion: ResShiftDiffusion
-    autoencoder: VQAutoencoder | None
+    diffusion: ResShiftScheduler
+    latent: LatentSpace
     unet_params: dict[str, Any]
     diffusion_params: dict[str, Any]
     autoencoder_params: dict[str, Any] | None
@@ -271,7 +273,7 @@ def _build_models(config: TrainConfig, quiet: bool) -> _Models:
     except (TypeError, ValueError) as exc:
         raise TrainConfigError(f"model.unet: {exc}") from None
     try:
-        diffusion = ResShiftDiffusion(**diffusion_params)
+        diffusion = ResShiftScheduler(**diffusion_params)
     except (TypeError, ValueError) as exc:
         raise TrainConfigError(f"model.diffusion: {exc}") from None
     if model.init is not None:
@@ -289,13 +291,14 @@ def _build_models(config: TrainConfig, quiet: bool) -> _Models:
             raise TrainConfigError(f"model.autoencoder_params: {exc}") from None
         load_into(autoencoder, read_state_dict(ae_path), f"the autoencoder {ae_name!r}")
         autoencoder.eval().requires_grad_(False)
-    return _Models(unet, diffusion, autoencoder, unet_params, diffusion_params, ae_params, ae_path)
+    latent = LatentSpace.from_params(autoencoder, diffusion_params)
+    return _Models(unet, diffusion, latent, unet_params, diffusion_params, ae_params, ae_path)
 
 
 def _check_shapes(config: TrainConfig, models: _Models) -> None:
     """Refuse, with the reason, a model/crop combination the network cannot run on."""
-    unet, diffusion, ae = models.unet, models.diffusion, models.autoencoder
-    sf = diffusion.sf
+    unet, diffusion, ae = models.unet, models.diffusion, models.latent.autoencoder
+    sf = models.latent.sf
     if not unet.cond_lq or unet.cond_mask:
         raise TrainConfigError(
             "model.unet: super-resolution training needs cond_lq = true, cond_mask = false"
@@ -550,9 +553,13 @@ class _Run:
         self._barrier(procs.is_main)
         _check_shapes(config, self.models)
         self.unet = self.models.unet.to(device)
-        if self.models.autoencoder is not None:
-            self.models.autoencoder.to(device)
+        if self.models.latent.autoencoder is not None:
+            self.models.latent.autoencoder.to(device)
         self.ema = copy.deepcopy(self.unet).requires_grad_(False)
+        # Validation restores with the EMA weights as `resshift sr` does. Made before the first
+        # step, so the layout it gives the EMA and the autoencoder holds for a whole run, resumed
+        # or not (the frozen autoencoder's encoding is part of every training step).
+        self.restorer = Restorer(self.ema, self.models.diffusion, self.models.latent, device, self.dtype)
         optim = config.optim
         self.optimizer = torch.optim.AdamW(
             self.unet.parameters(),
@@ -573,7 +580,7 @@ class _Run:
             self.validation = state.get("validation")
 
         data = config.data
-        sf = self.models.diffusion.sf
+        sf = self.models.latent.sf
         paths, self.skipped = list_images(data.train, data.crop)
         self.maker = PairMaker(
             paths, data.crop, sf, data.degradation, data.realesrgan, data.rotate, config.seed, data.shrink
@@ -659,13 +666,13 @@ class _Run:
 
     def _step(self, step: int, lr: float, hq: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One optimizer step on this process's slice; returns its (unreduced) loss and the gradient norm."""
-        config, diffusion, ae = self.config, self.models.diffusion, self.models.autoencoder
+        config, diffusion, latent = self.config, self.models.diffusion, self.models.latent
         hq = hq.to(self.device) * 2 - 1
         lq = lq.to(self.device) * 2 - 1
         with torch.no_grad(), self._autocast():
-            z_start = diffusion.encode(hq, ae).float()
-            z_y = diffusion.encode(diffusion.upsample(lq), ae).float()
-        cond = diffusion.network_lq(lq, ae)
+            z_start = latent.encode(hq).float()
+            z_y = latent.encode(latent.upsample(lq)).float()
+        cond = latent.network_lq(lq)
 
         # Timesteps and noise of the whole global batch, then this process's slice: the same draws
         # whatever the number of processes.
@@ -700,24 +707,16 @@ class _Run:
 
     def _validate(self) -> dict[str, float]:
         """Mean PSNR/SSIM (Y channel, ``sf`` border pixels cropped) of the EMA model's restorations."""
-        diffusion, ae = self.models.diffusion, self.models.autoencoder
+        restorer = self.restorer
         scores = []
-        self.ema.eval()
         for index, pair in enumerate(self.val_pairs):
             lq = pair.lq[None].to(self.device) * 2 - 1
             gen = generator(self.config.seed, "val-noise", index)
-            with torch.inference_mode(), self._autocast():
-                z_y = diffusion.encode(diffusion.upsample(lq), ae)
-                noise = [
-                    torch.randn(z_y.shape, generator=gen).to(self.device)
-                    for _ in range(diffusion.num_timesteps + 1)
-                ]
-                latent = diffusion.reverse(
-                    z_y, self.ema, lq=diffusion.network_lq(lq, ae), noise=noise, clip_denoised=ae is None
-                )
-                out = diffusion.decode(latent, ae).float()
+            shape = (1, *restorer.latent_shape(*lq.shape[-2:]))
+            noise = [torch.randn(shape, generator=gen).to(self.device) for _ in range(restorer.noise_draws)]
+            out = restorer.sample(lq, noise=noise)
             restored, truth = _to_uint8((out[0] + 1) / 2), _to_uint8(pair.hq)
-            border = diffusion.sf
+            border = restorer.scale
             scores.append(
                 (
                     psnr(restored, truth, crop_border=border, y_channel=True),
@@ -769,8 +768,8 @@ def _mean_over_processes(losses: Sequence[torch.Tensor], procs: World) -> float:
 def _registry_entry(config: TrainConfig, models: _Models, weights: Path, step: int) -> str:
     """A registry file naming the trained weights (and their autoencoder), for ``--registry``."""
     name = config.name
-    diffusion = {"sf": models.diffusion.sf, **models.diffusion_params}
-    diffusion.setdefault("steps", ResShiftDiffusion.__init__.__kwdefaults__["steps"])
+    diffusion = {"sf": models.latent.sf, **models.diffusion_params}
+    diffusion.setdefault("steps", ResShiftScheduler.__init__.__kwdefaults__["steps"])
     entry: dict[str, Any] = {
         "description": f"trained with resshift train ({step} steps)",
         "task": "sr",

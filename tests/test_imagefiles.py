@@ -18,14 +18,13 @@ import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile
 
-from resshift_cli import imageio
-from resshift_cli.imageio import (
+from resshift_cli import atomic, imagefiles
+from resshift_cli.imagefiles import (
     DEFAULT_MAX_PIXELS,
-    IMAGE_SUFFIXES,
     ImageError,
-    is_image_path,
     load_image,
     output_extension,
+    probe_image,
     resize_alpha,
     save_image,
 )
@@ -156,7 +155,7 @@ def test_broken_exif_does_not_make_the_image_unreadable(
     def broken(*args: object, **kwargs: object) -> None:
         raise SyntaxError("not a TIFF file")
 
-    monkeypatch.setattr(imageio.ImageOps, "exif_transpose", broken)
+    monkeypatch.setattr(imagefiles.ImageOps, "exif_transpose", broken)
     loaded = load_image(tmp_path / "in.png")
     assert loaded.size == (6, 4)
     # The caller names the file (the CLI prefixes every notice with the input), the notice does not.
@@ -505,14 +504,19 @@ def test_our_limit_replaces_pillows(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert DEFAULT_MAX_PIXELS >= 256_000_000
 
 
-def test_pillow_bomb_errors_become_image_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    Image.new("RGB", (4, 4)).save(tmp_path / "in.png")
-
-    def bomb(*args: object, **kwargs: object) -> None:
-        raise Image.DecompressionBombError("Image size (16 pixels) exceeds limit")
-
-    monkeypatch.setattr(Image, "open", bomb)
-    assert_read_error(tmp_path / "in.png", "decompression bomb")
+def test_pillows_own_pixel_limit_is_neither_used_nor_changed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only our limit (--max-pixels) applies: with Pillow's process-wide limit far below the image,
+    which would make Image.open refuse it, the image loads, and Pillow's setting is left as it is."""
+    Image.new("RGB", (16, 16)).save(tmp_path / "in.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(tmp_path / "in.png")
+    assert load_image(tmp_path / "in.png").size == (16, 16)
+    assert probe_image(tmp_path / "in.png") == (16, 16)
+    assert Image.MAX_IMAGE_PIXELS == 10
+    assert_read_error(tmp_path / "in.png", "above the limit of 100", max_pixels=100)
 
 
 def test_zero_byte_file(tmp_path: Path) -> None:
@@ -572,7 +576,7 @@ def test_temp_file_is_hidden_beside_the_target(tmp_path: Path, monkeypatch: pyte
         renames.append((str(source), str(target)))
         real_replace(source, target)
 
-    monkeypatch.setattr(imageio.os, "replace", recording_replace)
+    monkeypatch.setattr(atomic.os, "replace", recording_replace)
     save_image(tmp_path / "out.png", smooth_rgb(4, 4))
     save_image(tmp_path / "out.png", smooth_rgb(4, 4))
     (first, target), (second, _) = renames
@@ -603,7 +607,7 @@ def test_failed_16bit_write_keeps_old_output(tmp_path: Path, monkeypatch: pytest
     def broken(*args: object) -> bytes:
         raise OSError(errno.EIO, "Input/output error")
 
-    monkeypatch.setattr(imageio.zlib, "compress", broken)
+    monkeypatch.setattr(imagefiles.zlib, "compress", broken)
     with pytest.raises(ImageError, match="input/output error"):
         save_image(tmp_path / "out.tif", smooth_rgb(4, 4), bit_depth=16)
     assert (tmp_path / "out.tif").read_bytes() == b"old output"
@@ -641,12 +645,6 @@ def test_output_extension() -> None:
         output_extension("photo.png", "gif")
 
 
-def test_is_image_path() -> None:
-    assert sorted(IMAGE_SUFFIXES) == [".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp"]
-    assert is_image_path("x/Photo.JPEG") and is_image_path(Path("a.tif"))
-    assert not is_image_path("notes.txt") and not is_image_path("png")
-
-
 def test_resize_alpha() -> None:
     alpha = np.zeros((4, 6), np.float32)
     alpha[:, 3:] = 1.0
@@ -658,5 +656,5 @@ def test_resize_alpha() -> None:
 
 
 def test_module_does_not_import_torch() -> None:
-    code = "import sys, resshift_cli.imageio; sys.exit('torch' in sys.modules)"
+    code = "import sys, resshift_cli.imagefiles; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

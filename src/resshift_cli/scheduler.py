@@ -1,26 +1,27 @@
-"""The residual-shifting diffusion: schedule, forward process, reverse sampler and training loss.
+"""The residual-shifting schedule: the forward process and one reverse step, nothing else.
 
 q(x_t | x0, y0) = N(x0 + eta_t (y0 - x0), kappa^2 eta_t I), with sqrt(eta_t) growing
 exponentially (shaped by a power p) from min(min_noise_level / kappa, min_noise_level) to
 etas_end. Sampling starts at x_T = y0 + kappa sqrt(eta_T) noise and walks back with the Gaussian
 posterior q(x_{t-1} | x_t, x0), where x0 is the network's prediction. The schedule is held in
 float64 numpy as upstream, and gathered into tensors of the caller's dtype.
+
+The scheduler never calls a network: :mod:`resshift_cli.sampler` runs the chain, and
+:mod:`resshift_cli.pipelines` moves images in and out of the space it runs in.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-Denoiser = Callable[..., torch.Tensor]
 LOSSES = ("mse", "l1")
-"""The training losses :meth:`ResShiftDiffusion.training_loss` offers."""
+"""The training losses :meth:`ResShiftScheduler.training_loss` offers."""
 
 
 def exponential_sqrt_etas(
@@ -76,17 +77,23 @@ class StepOutput:
     pred_xstart: torch.Tensor
 
 
-class ResShiftDiffusion:
-    """The ResShift diffusion, built from upstream's ``diffusion_params`` names.
+LATENT_PARAMETERS = ("sf", "scale_factor")
+"""Upstream's ``diffusion_params`` that describe the space the chain runs in, not the schedule:
+the scale of the bicubic upsampling and the latent's scale factor (see pipelines.latent)."""
 
-    ``timestep_respacing`` shortens a long chain as upstream does; ``timestep_map`` then gives the
-    original timestep the network is called with at each step of the shorter chain.
+
+class ResShiftScheduler:
+    """The ResShift schedule, built from upstream's ``diffusion_params`` names.
+
+    ``sf`` and ``scale_factor`` are accepted so that a published ``diffusion_params`` builds it as
+    it is, and left to the latent space. ``timestep_respacing`` shortens a long chain as upstream
+    does; ``timestep_map`` then gives the original timestep the network is called with at each
+    step of the shorter chain.
     """
 
     def __init__(
         self,
         *,
-        sf: int = 4,
         schedule_name: str = "exponential",
         schedule_kwargs: Mapping[str, Any] | None = None,
         etas_end: float = 0.99,
@@ -96,20 +103,21 @@ class ResShiftDiffusion:
         weighted_mse: bool = False,
         predict_type: str = "xstart",
         timestep_respacing: int | str | Sequence[int] | None = None,
-        scale_factor: float = 1.0,
         normalize_input: bool = True,
         latent_flag: bool = True,
+        **latent: Any,
     ) -> None:
+        unknown = sorted(set(latent) - set(LATENT_PARAMETERS))
+        if unknown:
+            raise TypeError(f"unknown diffusion parameter {unknown[0]!r}")
         if schedule_name != "exponential":
             raise ValueError(f"unsupported schedule {schedule_name!r}; only 'exponential' is published")
         if predict_type not in ("xstart", "epsilon", "residual"):
             raise ValueError(f"unsupported predict_type {predict_type!r}; use xstart, epsilon or residual")
         power = float((schedule_kwargs or {}).get("power", 0.3))
-        self.sf = sf
         self.kappa = float(kappa)
         self.weighted_mse = weighted_mse
         self.predict_type = predict_type
-        self.scale_factor = scale_factor
         self.normalize_input = normalize_input
         self.latent_flag = latent_flag
         base = exponential_sqrt_etas(steps, min_noise_level, etas_end, self.kappa, power)
@@ -196,19 +204,18 @@ class ResShiftDiffusion:
         return (x_t - eta * y - self.kappa * sqrt_eta * model_output) / (1 - eta)
 
     # ----- reverse process -------------------------------------------------------------------
-    def p_step(
+    def step(
         self,
-        model: Denoiser,
+        model_output: torch.Tensor,
         x_t: torch.Tensor,
         y: torch.Tensor,
         t: torch.Tensor,
         noise: torch.Tensor,
-        model_kwargs: Mapping[str, Any] | None = None,
         clip_denoised: bool = False,
     ) -> StepOutput:
-        """One reverse step x_t -> x_{t-1}: predict x0, take the posterior mean, add noise if t > 0."""
-        output = model(self.scale_input(x_t, t), self.model_timesteps(t), **(model_kwargs or {}))
-        pred_xstart = self.predict_xstart(output.to(x_t.dtype), x_t, y, t)
+        """One reverse step x_t -> x_{t-1} from the network's output at (x_t, t): predict x0, take
+        the posterior mean, add ``noise`` scaled by the posterior deviation unless t = 0."""
+        pred_xstart = self.predict_xstart(model_output.to(x_t.dtype), x_t, y, t)
         if clip_denoised:
             pred_xstart = pred_xstart.clamp(-1, 1)
         mean = self.q_posterior_mean(pred_xstart, x_t, t)
@@ -216,140 +223,10 @@ class ResShiftDiffusion:
         nonzero = (t != 0).to(x_t.dtype).view(-1, *([1] * (x_t.dim() - 1)))
         return StepOutput(sample=mean + nonzero * std * noise, mean=mean, pred_xstart=pred_xstart)
 
-    def p_sample_loop_progressive(
-        self,
-        model: Denoiser,
-        y: torch.Tensor,
-        noise: Iterator[torch.Tensor],
-        model_kwargs: Mapping[str, Any] | None = None,
-        clip_denoised: bool = False,
-    ) -> Iterator[StepOutput]:
-        """Run the reverse chain from the prior over ``y`` (already in diffusion space).
-
-        ``noise`` yields the draws in upstream's order: the prior draw, then one per step
-        (the last drawn but unused, since no noise is added at t = 0).
-        """
-        x = self.prior_sample(y, next(noise))
-        for i in reversed(range(self.num_timesteps)):
-            t = torch.full((y.shape[0],), i, dtype=torch.long, device=y.device)
-            out = self.p_step(model, x, y, t, next(noise), model_kwargs, clip_denoised)
-            x = out.sample
-            yield out
-
-    # ----- latent space ----------------------------------------------------------------------
-    def upsample(self, lq: torch.Tensor) -> torch.Tensor:
-        """Bicubic upsampling by ``sf`` (align_corners False, no antialias), as upstream."""
-        if self.sf == 1:
-            return lq
-        return F.interpolate(lq, scale_factor=self.sf, mode="bicubic")
-
-    def network_lq(self, lq: torch.Tensor, autoencoder: torch.nn.Module | None) -> torch.Tensor:
-        """The LQ image the network is conditioned on, for sampling and training alike.
-
-        With an autoencoder it is ``lq`` itself, as upstream (for x4 SR with an f4 autoencoder the
-        LQ already has the latent's size). In pixel space the network runs at the output size and
-        its feature extractor can only shrink the LQ, so it gets the bicubic upsampling of ``lq``
-        (the same y0 the chain starts from); such a model has ``lq_size == image_size``.
-        """
-        return lq if autoencoder is not None else self.upsample(lq)
-
-    def encode(self, image: torch.Tensor, autoencoder: torch.nn.Module | None) -> torch.Tensor:
-        """Image -> diffusion space (latent times scale_factor), or the image itself in pixel space."""
-        if autoencoder is None:
-            return image
-        param = next(autoencoder.parameters())
-        z = autoencoder.encode(image.to(param.dtype))
-        return (z * self.scale_factor).to(image.dtype)
-
-    def decode(self, z: torch.Tensor, autoencoder: torch.nn.Module | None) -> torch.Tensor:
-        """Diffusion space -> image (not clamped)."""
-        if autoencoder is None:
-            return z
-        param = next(autoencoder.parameters())
-        return autoencoder.decode((z / self.scale_factor).to(param.dtype)).to(z.dtype)
-
-    def sample_latent(
-        self,
-        lq: torch.Tensor,
-        unet: Denoiser,
-        autoencoder: torch.nn.Module | None,
-        *,
-        mask: torch.Tensor | None = None,
-        noise: Sequence[torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
-        """Upsample and encode ``lq``, then run the reverse chain; returns the final latent.
-
-        ``noise`` gives the draws in the order documented by upstream's reference data (prior
-        first, then one per step); otherwise they come from ``generator``. For inpainting,
-        ``mask`` (N x 1 x H x W, +1 = hole, -1 = keep) conditions the network.
-        """
-        z_y = self.encode(self.upsample(lq), autoencoder)
-        return self.reverse(
-            z_y,
-            unet,
-            lq=self.network_lq(lq, autoencoder),
-            mask=mask,
-            noise=noise,
-            generator=generator,
-            on_step=on_step,
-            clip_denoised=autoencoder is None,
-        )
-
-    def reverse(
-        self,
-        z_y: torch.Tensor,
-        unet: Denoiser,
-        *,
-        lq: torch.Tensor,
-        mask: torch.Tensor | None = None,
-        noise: Sequence[torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-        clip_denoised: bool = False,
-    ) -> torch.Tensor:
-        """The reverse chain from the prior over ``z_y`` (already encoded); returns the final latent.
-
-        Separate from encoding so that a caller can encode and decode in tiles while the network
-        runs on the whole latent.
-        """
-        draws = iter(noise) if noise is not None else _gaussian_draws(z_y, generator)
-        kwargs: dict[str, Any] = {"lq": lq}
-        if mask is not None:
-            kwargs["mask"] = mask
-        x = z_y
-        chain = self.p_sample_loop_progressive(unet, z_y, draws, kwargs, clip_denoised=clip_denoised)
-        for k, out in enumerate(chain, start=1):
-            x = out.sample
-            if on_step is not None:
-                on_step(k, self.num_timesteps)
-        return x
-
-    def sample(
-        self,
-        lq: torch.Tensor,
-        unet: Denoiser,
-        autoencoder: torch.nn.Module | None,
-        *,
-        mask: torch.Tensor | None = None,
-        noise: Sequence[torch.Tensor] | None = None,
-        generator: torch.Generator | None = None,
-        on_step: Callable[[int, int], None] | None = None,
-    ) -> torch.Tensor:
-        """Restore ``lq`` (N x 3 x H x W in [-1, 1]): upsample, encode, reverse chain, decode.
-
-        The result is not clamped; arguments as :meth:`sample_latent`.
-        """
-        latent = self.sample_latent(
-            lq, unet, autoencoder, mask=mask, noise=noise, generator=generator, on_step=on_step
-        )
-        return self.decode(latent, autoencoder)
-
     # ----- training --------------------------------------------------------------------------
     def training_loss(
         self,
-        model: Denoiser,
+        model: Callable[..., torch.Tensor],
         x_start: torch.Tensor,
         y: torch.Tensor,
         t: torch.Tensor,
@@ -381,9 +258,3 @@ class ResShiftDiffusion:
         if self.weighted_mse:
             per_sample = per_sample * self._gather(self.weight_loss_mse, t, per_sample).view(-1)
         return per_sample
-
-
-def _gaussian_draws(like: torch.Tensor, generator: torch.Generator | None) -> Iterator[torch.Tensor]:
-    """An endless stream of standard-normal tensors shaped like ``like``."""
-    while True:
-        yield torch.randn(like.shape, generator=generator, device=like.device, dtype=like.dtype)

@@ -20,7 +20,6 @@ import os
 import re
 import struct
 import sys
-import threading
 import warnings
 import zlib
 from collections.abc import Callable, Iterator
@@ -33,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError, features
 
 from resshift_cli.atomic import write_atomically
+from resshift_cli.errors import InputError
 
 __all__ = [
     "DEFAULT_MAX_PIXELS",
@@ -40,7 +40,7 @@ __all__ = [
     "INPUT_SUFFIXES",
     "ImageError",
     "LoadedImage",
-    "is_image_path",
+    "find_images",
     "load_image",
     "output_extension",
     "probe_image",
@@ -83,12 +83,8 @@ _OTHER_BYTE = {"B": "L", "L": "B", "N": "B" if sys.byteorder == "little" else "L
 
 _EXIF_ORIENTATION = 0x0112
 
-# Pillow's global bomb check (Image.MAX_IMAGE_PIXELS) fires inside Image.open with its own limit,
-# which would override ours in both directions; it is switched off around Image.open, under a lock.
-_PIXEL_LIMIT_LOCK = threading.Lock()
 
-
-class ImageError(Exception):
+class ImageError(InputError):
     """An image file could not be read or written; the message is one line and names the file."""
 
 
@@ -117,11 +113,6 @@ class LoadedImage:
         return self.rgb.shape[1], self.rgb.shape[0]
 
 
-def is_image_path(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` has an image suffix (by name only; the file is not opened)."""
-    return Path(path).suffix.lower() in IMAGE_SUFFIXES
-
-
 def output_extension(input_path: str | os.PathLike[str], ext: str = "auto") -> str:
     """The suffix (".png", ...) for the output made from ``input_path``.
 
@@ -136,6 +127,45 @@ def output_extension(input_path: str | os.PathLike[str], ext: str = "auto") -> s
         return f".{choice}"
     names = ", ".join(sorted(s[1:] for s in _WRITE_FORMATS))
     raise ValueError(f"unknown output format {ext!r}; use auto or one of {names}")
+
+
+def find_images(
+    root: str | os.PathLike[str],
+    *,
+    recursive: bool = True,
+    exclude: str | os.PathLike[str] | None = None,
+    suffixes: frozenset[str] = INPUT_SUFFIXES,
+) -> tuple[list[Path], list[Path]]:
+    """The image files under the folder ``root`` (by suffix; hidden files left out) and the other
+    files, each sorted by their path relative to ``root``.
+
+    With ``recursive`` every level is searched; symlinked folders are followed once, so loops end;
+    the folder ``exclude`` (an output folder inside an input folder) is not entered.
+    """
+    root = Path(root)
+    images: list[Path] = []
+    others: list[Path] = []
+    seen: set[tuple[int, int]] = set()
+    if exclude is not None and Path(exclude).is_dir() and not os.path.samefile(exclude, root):
+        st = os.stat(exclude)
+        seen.add((st.st_dev, st.st_ino))
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not name.startswith(".") and path.is_file():
+                (images if path.suffix.lower() in suffixes else others).append(path)
+        if not recursive:
+            dirnames[:] = []
+
+    def by_relative_path(path: Path) -> str:
+        return path.relative_to(root).as_posix()
+
+    return sorted(images, key=by_relative_path), sorted(others, key=by_relative_path)
 
 
 def load_image(path: str | os.PathLike[str], *, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> LoadedImage:
@@ -189,8 +219,6 @@ def _reading(source: Path) -> Iterator[None]:
         yield
     except ImageError:
         raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"cannot read {source}: refused as a decompression bomb ({_one_line(e)})") from e
     except UnidentifiedImageError as e:
         names = "PNG, JPEG, WebP, BMP, TIFF or GIF"
         raise ImageError(f"cannot read {source}: not an image file Pillow can read as {names}") from e
@@ -282,16 +310,28 @@ def resize_alpha(alpha: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 
 @contextmanager
 def _open(path: Path) -> Iterator[ImageFile.ImageFile]:
-    """Image.open restricted to our formats, with Pillow's own pixel limit out of the way."""
-    with _PIXEL_LIMIT_LOCK:
-        saved = Image.MAX_IMAGE_PIXELS
-        Image.MAX_IMAGE_PIXELS = None
-        try:
-            im = Image.open(path, formats=_READ_FORMATS)
-        finally:
-            Image.MAX_IMAGE_PIXELS = saved
-    with im:
-        yield im
+    """Open ``path`` as one of our formats, as ``Image.open`` does, but without its decompression
+    bomb check: that applies Pillow's process-wide limit, where ours (checked from the header by
+    the caller) is the user's ``--max-pixels``."""
+    Image.preinit()
+    with open(path, "rb") as fp:
+        prefix = fp.read(16)
+        for name in _READ_FORMATS:
+            if name not in Image.OPEN:
+                Image.init()
+            factory, accept = Image.OPEN[name]
+            verdict = accept(prefix) if accept is not None else True
+            if not verdict or isinstance(verdict, str):  # a string: "this format, but unsupported"
+                continue
+            fp.seek(0)
+            try:
+                im = factory(fp, str(path))
+            except (SyntaxError, IndexError, TypeError, struct.error):
+                continue
+            with im:
+                yield im
+            return
+    raise UnidentifiedImageError(f"cannot identify image file {str(path)!r}")
 
 
 def _check_pixel_limit(path: Path, size: tuple[int, int], max_pixels: int | None) -> None:

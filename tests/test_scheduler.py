@@ -1,4 +1,5 @@
-"""The diffusion's equations: forward process, posterior, sampler noise handling, training loss."""
+"""The schedule's equations (forward process, posterior, one step, training loss) and the sampler
+that walks the chain (noise handling, steps, one-step models)."""
 
 from __future__ import annotations
 
@@ -7,20 +8,28 @@ import pytest
 import torch
 from reference import manifest
 
-from resshift_cli import ResShiftDiffusion
-from resshift_cli.diffusion import space_timesteps
+from resshift_cli import ResShiftScheduler, sampler
+from resshift_cli.scheduler import space_timesteps
 
 
-def _diffusion(**overrides) -> ResShiftDiffusion:
+def _diffusion(**overrides) -> ResShiftScheduler:
     params = dict(manifest("realsr-v3")["diffusion_params"])
     params.update(overrides)
-    return ResShiftDiffusion(**params)
+    return ResShiftScheduler(**params)
+
+
+def _sample(d: ResShiftScheduler, denoiser, y: torch.Tensor, seed: int = 0, **kwargs) -> torch.Tensor:
+    """The chain from the prior over ``y`` with draws from ``seed``, pixel space (clamped x0)."""
+    draws = sampler.gaussian_noise(
+        y, sampler.noise_draws(d, kwargs.get("steps")), torch.Generator().manual_seed(seed)
+    )
+    return sampler.sample(d, denoiser, y, iter(draws), cond={}, clip_denoised=True, **kwargs)
 
 
 @pytest.mark.parametrize("name", ["realsr-v1", "realsr-v3", "inpaint-face", "faceir"])
 def test_published_schedules(name: str) -> None:
     m = manifest(name)
-    diffusion = ResShiftDiffusion(**m["diffusion_params"])
+    diffusion = ResShiftScheduler(**m["diffusion_params"])
     for field in ("sqrt_etas", "posterior_variance", "posterior_mean_coef1", "posterior_mean_coef2"):
         np.testing.assert_allclose(getattr(diffusion, field), m["schedule"][field], rtol=1e-10, atol=0)
     assert diffusion.timestep_map.tolist() == m["schedule"]["timestep_map"]
@@ -85,34 +94,61 @@ def test_sampler_with_an_oracle_lands_on_x0_and_visits_every_step() -> None:
     d = _diffusion()
     x0 = torch.randn(1, 3, 8, 8)
     oracle = _Oracle(x0)
-    out = d.sample(torch.randn(1, 3, 2, 2), oracle, None, generator=torch.Generator().manual_seed(0))
+    out = _sample(d, oracle, torch.randn(1, 3, 8, 8))
     assert oracle.calls == [3, 2, 1, 0]
-    # Pixel space (no autoencoder) clamps the prediction to [-1, 1], then no noise at t = 0.
+    # Clamped prediction (pixel space), then no noise at t = 0.
     assert torch.allclose(out, x0.clamp(-1, 1))
 
 
-def test_generator_and_explicit_noise_agree() -> None:
+def test_every_draw_is_used_in_upstreams_order() -> None:
     d = _diffusion()
-    lq = torch.randn(2, 3, 2, 2)
+    y = torch.randn(2, 3, 8, 8)
 
-    def shrink(x, timesteps, lq=None, mask=None):
+    def shrink(x, timesteps, **cond):
         return 0.5 * x  # depends on x_t, so every draw matters
 
-    a = d.sample_latent(lq, shrink, None, generator=torch.Generator().manual_seed(7))
+    a = _sample(d, shrink, y, seed=7)
     g = torch.Generator().manual_seed(7)
     draws = [torch.randn(2, 3, 8, 8, generator=g) for _ in range(d.num_timesteps + 1)]
-    b = d.sample_latent(lq, shrink, None, noise=draws)
-    c = d.sample_latent(lq, shrink, None, generator=torch.Generator().manual_seed(8))
-    assert torch.equal(a, b)
-    assert not torch.equal(a, c)
+    b = sampler.sample(d, shrink, y, iter(draws), cond={}, clip_denoised=True)
+    # By hand: the prior from the first draw, then one step per draw.
+    x = d.prior_sample(y, draws[0])
+    for i, draw in zip(range(d.num_timesteps - 1, -1, -1), draws[1:], strict=False):
+        t = torch.full((2,), i)
+        x = d.step(shrink(d.scale_input(x, t), None), x, y, t, draw, clip_denoised=True).sample
+    assert torch.equal(a, b) and torch.equal(b, x)
+    assert not torch.equal(a, _sample(d, shrink, y, seed=8))
 
 
 def test_on_step_reports_progress() -> None:
     d = _diffusion()
     seen: list[tuple[int, int]] = []
     oracle = _Oracle(torch.zeros(1, 3, 8, 8))
-    d.sample(torch.zeros(1, 3, 2, 2), oracle, None, on_step=lambda k, n: seen.append((k, n)))
+    _sample(d, oracle, torch.zeros(1, 3, 8, 8), on_step=lambda k, n: seen.append((k, n)))
     assert seen == [(1, 4), (2, 4), (3, 4), (4, 4)]
+
+
+def test_one_step_model_predicts_x0_from_the_prior_at_the_last_timestep() -> None:
+    """A model distilled into one step (SinSR) is called once, at t = T - 1, on the prior sample
+    made from the first draw; its x0 prediction is the result, with no other arithmetic."""
+    d = _diffusion(steps=15, min_noise_level=0.04)
+    y = torch.randn(1, 3, 8, 8)
+    seen: list[tuple[torch.Tensor, int]] = []
+
+    def network(x, timesteps, **cond):
+        seen.append((x.clone(), int(timesteps[0])))
+        return torch.tanh(x) * 0.7
+
+    draws = sampler.gaussian_noise(y, sampler.noise_draws(d, 1), torch.Generator().manual_seed(3))
+    assert len(draws) == 1
+    out = sampler.sample(d, network, y, iter(draws), cond={}, steps=1)
+    t = torch.full((1,), d.num_timesteps - 1)
+    x_T = y + d.kappa * d.sqrt_etas[-1] * draws[0]
+    assert [step for _, step in seen] == [14]
+    torch.testing.assert_close(seen[0][0], d.scale_input(x_T.float(), t))
+    torch.testing.assert_close(out, torch.tanh(d.scale_input(x_T.float(), t)) * 0.7)
+    with pytest.raises(ValueError, match="steps must be 1 or the schedule's 15"):
+        sampler.sample(d, network, y, iter(draws), cond={}, steps=3)
 
 
 def test_training_loss() -> None:
