@@ -16,6 +16,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -506,13 +507,70 @@ def test_verify_checks_hub_files_against_their_lfs_hash(
     assert not blob.exists() and not path.is_symlink() and cached_path("tiny", registry) is None
 
 
-def test_hashes_are_remembered(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+def test_hashes_are_remembered_until_the_file_changes_in_place(
+    tmp_path: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memo answers while the file is unchanged; bytes changed in place with the mtime set back
+    by os.utime (same inode, size and mtime) are hashed again, since the memo is keyed by ctime too."""
+    monkeypatch.setattr(hub, "_RACY_NS", 50_000_000)  # trust a file 50 ms after its change, not 2 s
     data = safetensors_bytes(tmp_path, 1)
     path = tmp_path / "f.safetensors"
     path.write_bytes(data)
+    time.sleep(0.1)
     assert hub._sha256_file(path) == sha256(data)
-    memo = json.loads(hub._memo_path(path).read_text())
-    assert memo["sha256"] == sha256(data) and memo["size"] == len(data)
+    memo = hub._memo_path(path)
+    saved = json.loads(memo.read_text())
+    saved["facts"]["sha256"] = "f" * 64  # prove that the memo, not the file, answers next
+    memo.write_text(json.dumps(saved))
+    assert hub._sha256_file(path) == "f" * 64
+
+    before = path.stat()
+    changed = data[:-1] + bytes([data[-1] ^ 1])
+    with open(path, "r+b") as f:
+        f.write(changed)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    same = (after.st_ino, after.st_size, after.st_mtime_ns)
+    assert same == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert hub._sha256_file(path) == sha256(changed)
+
+
+def test_a_file_changed_just_now_is_not_remembered(tmp_path: Path, hf_home: Path) -> None:
+    """File times tick coarsely: a change within the same tick as the hashing would leave the key
+    as it was, so a file whose ctime is that recent is hashed again next time."""
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(safetensors_bytes(tmp_path, 1))
+    hub._sha256_file(path)
+    assert not hub._memo_path(path).exists()
+
+
+def test_registry_path_changed_in_place_is_refused(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry ``path`` with a ``sha256`` (the bundled lite is one) is checked on every run
+    through the memo: its file changed in place with the mtime set back is refused."""
+    monkeypatch.setattr(hub, "_RACY_NS", 50_000_000)
+    unet, ae = safetensors_bytes(tmp_path, 1), safetensors_bytes(tmp_path, 2)
+    (tmp_path / "unet.safetensors").write_bytes(unet)
+    (tmp_path / "ae.safetensors").write_bytes(ae)
+    registry = registry_for(
+        tmp_path,
+        server.url,
+        model=f'path = "unet.safetensors"\nsha256 = "{sha256(unet)}"',
+        autoencoder='path = "ae.safetensors"',
+    )
+    time.sleep(0.1)
+    assert resolve(registry).unet_path == tmp_path / "unet.safetensors"
+    assert resolve(registry).unet_path == tmp_path / "unet.safetensors"  # from the memo now
+    path = tmp_path / "unet.safetensors"
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(len(unet) - 1)
+        f.write(bytes([unet[-1] ^ 1]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ChecksumError) as exc:
+        resolve(registry)
+    assert str(exc.value).endswith(f"expected {sha256(unet)}; refusing to use it") and path.exists()
 
 
 SCRIPT = """

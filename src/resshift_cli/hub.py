@@ -13,7 +13,7 @@ Cache layout, under ``HF_HOME`` (read from ``huggingface_hub.constants`` at call
     resshift/downloads/<url-key>/<file>            upstream-URL downloads, <url-key> = sha256(url)[:16]
     resshift/downloads/<url-key>/<file>.part       an unfinished download; the next run resumes it
     resshift/converted/<name>-<sha16>.safetensors  a pickle converted once, <sha16> = sha256(file)[:16]
-    resshift/hashes/<path-key>.json                file sha256 remembered by path, size and mtime
+    resshift/hashes/<path-key>.json                facts about a file (sha256, ...), see file_fact
 
 A URL download is written to ``<file>.part`` and renamed only once its size (and sha256, when the
 registry knows it) is right, so a cut-off download never looks complete. The next run continues
@@ -28,6 +28,7 @@ import json
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -53,6 +54,8 @@ ProgressCallback = Callable[[str, int, int | None], None]
 _CHUNK = 1 << 20
 _TIMEOUT = 30
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_RACY_NS = 2_000_000_000
+"""A file changed less than this long ago may change again within the same tick of its ctime."""
 
 
 class WeightsError(Exception):
@@ -388,8 +391,6 @@ def _url_download(
                     f"the registry says {source.sha256}; deleted it"
                 )
         os.replace(part, dest)
-        if source.sha256 is not None:
-            _remember_sha256(dest, source.sha256)
     return dest
 
 
@@ -511,39 +512,74 @@ def _memo_path(path: Path) -> Path:
     return cache_root() / "hashes" / f"{key}.json"
 
 
-def _stat_key(path: Path) -> dict[str, Any]:
+def _identity(path: Path) -> dict[str, Any]:
+    """What changes whenever the file's bytes can have changed: writing in place moves ``ctime``
+    (which ``os.utime`` cannot set back, unlike ``mtime``), and a file put in its place by a rename
+    has another inode."""
     st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {
+        "path": str(path.resolve()),
+        "device": st.st_dev,
+        "inode": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
 
 
-def _sha256_file(path: Path, *, fresh: bool = False) -> str:
-    """The sha256 of a file, remembered by path, size and mtime so big files are hashed once."""
-    memo = _memo_path(path)
-    key = _stat_key(path)
+def file_fact(path: Path, fact: str, compute: Callable[[], str], *, fresh: bool = False) -> str:
+    """``compute()``, a fact about the bytes of ``path`` (its sha256, ...), remembered while the file
+    is unchanged, so that a big file is read once and not on every run.
+
+    The memo, under ``<cache>/hashes``, is keyed by the file's path, device, inode, size, mtime and
+    ctime; ``fresh`` computes again whatever is remembered. Nothing is remembered about a file that
+    changed while ``compute`` read it, or whose ctime is too recent to tell a later change apart (file
+    times tick coarsely): such a file is read again next time.
+    """
+    before = _identity(path)
     if not fresh:
-        try:
-            saved = json.loads(memo.read_text())
-            if {k: saved.get(k) for k in key} == key and isinstance(saved.get("sha256"), str):
-                return saved["sha256"]
-        except (OSError, ValueError):
-            pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    _remember_sha256(path, digest.hexdigest())
-    return digest.hexdigest()
+        saved = _read_memo(path)
+        value = saved["facts"].get(fact) if saved.get("file") == before else None
+        if isinstance(value, str):
+            return value
+    value = compute()
+    if _identity(path) == before and time.time_ns() - before["ctime_ns"] > _RACY_NS:
+        _remember(path, before, fact, value)
+    return value
 
 
-def _remember_sha256(path: Path, sha256: str) -> None:
+def _read_memo(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(_memo_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) and isinstance(saved.get("facts"), dict) else {}
+
+
+def _remember(path: Path, identity: dict[str, Any], fact: str, value: str) -> None:
+    saved = _read_memo(path)
+    facts = saved["facts"] if saved.get("file") == identity else {}
     memo = _memo_path(path)
     tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
     try:
         memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({**_stat_key(path), "sha256": sha256}))
+        tmp.write_text(json.dumps({"file": identity, "facts": {**facts, fact: value}}))
         os.replace(tmp, memo)
-    except OSError:  # a read-only cache only costs hashing again
+    except OSError:  # a read-only cache only costs reading the file again
         tmp.unlink(missing_ok=True)
+
+
+def _sha256_file(path: Path, *, fresh: bool = False) -> str:
+    """The sha256 of a file, remembered (:func:`file_fact`) so a big file is hashed once."""
+
+    def digest() -> str:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                hasher.update(chunk)
+        return hasher.hexdigest()
+
+    return file_fact(path, "sha256", digest, fresh=fresh)
 
 
 def _converted_path(source: Path, name: str) -> Path | None:
