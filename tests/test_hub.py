@@ -22,12 +22,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from hubserver import HubServer
+from hubserver import COMMIT, HubServer
 from huggingface_hub import constants
 from safetensors.torch import load_file, save_file
 
 from resshift_cli import hub
 from resshift_cli.hub import (
+    HUB_REPO_ENV,
     ChecksumError,
     DownloadError,
     WeightsError,
@@ -65,17 +66,21 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_registry(tmp_path: Path, url: str, model: str = "", autoencoder: str = "") -> Path:
+def make_registry(
+    tmp_path: Path, url: str, model: str = "", autoencoder: str = "", *, hub: bool = True
+) -> Path:
     """A registry file with model ``tiny`` (unet.safetensors) and autoencoder ``tiny-ae`` (ae.pth),
-    both on the hub repo and at upstream URLs; ``model``/``autoencoder`` add keys to the entries."""
+    both on the hub repo (unless not ``hub``: upstream URLs only, as the built-in entries are) and
+    at upstream URLs; ``model``/``autoencoder`` add keys to the entries."""
+    unet_hub = f'repo_id = "{REPO}"\nfilename = "unet.safetensors"' if hub else ""
+    ae_hub = f'repo_id = "{REPO}"\nfilename = "ae.pth"' if hub else ""
     text = f"""
 [models.tiny]
 task = "sr"
 scale = 4
 steps = 4
 autoencoder = "tiny-ae"
-repo_id = "{REPO}"
-filename = "unet.safetensors"
+{unet_hub}
 url = "{url}/releases/unet.safetensors"
 {model}
 
@@ -89,8 +94,7 @@ steps = 4
 [autoencoders.tiny-ae]
 embed_dim = 3
 n_embed = 8
-repo_id = "{REPO}"
-filename = "ae.pth"
+{ae_hub}
 url = "{url}/releases/ae.pth"
 {autoencoder}
 
@@ -158,8 +162,10 @@ def publish(server: HubServer, tmp_path: Path, hub: bool = True, url: bool = Tru
     return unet, ae
 
 
-def registry_for(tmp_path: Path, url: str, model: str = "", autoencoder: str = "") -> Registry:
-    return load_registry(make_registry(tmp_path, url, model, autoencoder), env={})
+def registry_for(
+    tmp_path: Path, url: str, model: str = "", autoencoder: str = "", *, hub: bool = True
+) -> Registry:
+    return load_registry(make_registry(tmp_path, url, model, autoencoder, hub=hub), env={})
 
 
 def resolve(registry: Registry, **kwargs: object) -> hub.ResolvedWeights:
@@ -232,6 +238,104 @@ def test_hub_download_then_offline_from_the_cache(
     set_endpoint(monkeypatch, "http://127.0.0.1:9")  # nothing listens there
     assert resolve(registry) == resolved
     assert server.requests == []
+
+
+def test_offline_set_after_import_is_obeyed(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Library use: HF_HUB_OFFLINE set after huggingface_hub read its constants still means no
+    network, though the hub and the URL both hold the files."""
+    publish(server, tmp_path)
+    registry = registry_for(tmp_path, server.url)
+    assert constants.HF_HUB_OFFLINE is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotCachedError, match=r"\(offline: HF_HUB_OFFLINE is set\)"):
+        resolve(registry)
+    assert server.requests == []
+
+
+def test_a_changed_hub_blob_is_refused_when_used(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    """A hub-cache file is named by its LFS sha256, a hash known without the registry: it is
+    checked on use, and a changed copy is deleted so that the next run downloads it again."""
+    unet, _ = publish(server, tmp_path, url=False)
+    registry = registry_for(tmp_path, server.url)
+    blob = resolve(registry).unet_path.resolve()
+    assert blob.name == sha256(unet)
+    blob.write_bytes(unet[:-1] + bytes([unet[-1] ^ 1]))
+    with pytest.raises(ChecksumError, match="deleted the cached copy"):
+        resolve(registry)
+    assert not blob.exists()
+    assert resolve(registry).unet_path.read_bytes() == unet
+
+
+MIRROR = "team/resshift-weights"
+
+
+def publish_mirror(
+    server: HubServer, tmp_path: Path, files: tuple[str, ...] = ("unet", "ae")
+) -> dict[str, bytes]:
+    """Put export-style copies of tiny and tiny-ae in MIRROR: safetensors under the upstream names."""
+    server.add_repo(MIRROR)
+    copies = {"unet": safetensors_bytes(tmp_path, 11), "ae": safetensors_bytes(tmp_path, 12)}
+    for name in files:
+        server.add_hub_file(MIRROR, f"{name}.safetensors", copies[name])
+    return copies
+
+
+def test_hub_repository_named_by_the_environment(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RESSHIFT_HUB_REPO names a team's copy: tried before the upstream URL, kept in the hub's
+    cache, used offline; the registry's sha256 names the upstream file, not the copy."""
+    unet, _ = publish(server, tmp_path, hub=False)
+    copies = publish_mirror(server, tmp_path)
+    registry = registry_for(tmp_path, server.url, model=f'sha256 = "{sha256(unet)}"', hub=False)
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    snapshots = hf_home / "hub" / "models--team--resshift-weights" / "snapshots"
+    assert resolved.unet_path.is_relative_to(snapshots) and resolved.unet_path.name == "unet.safetensors"
+    assert resolved.unet_path.read_bytes() == copies["unet"]
+    assert resolved.autoencoder_path.read_bytes() == copies["ae"]  # type: ignore[union-attr]
+    assert not [r for r in server.requests if r.path.startswith("/releases/")]
+    assert cached_path("tiny", registry) == resolved.unet_path
+    assert verify("tiny", registry) == (True, f"tiny: sha256 ok, as the hub says ({resolved.unet_path})")
+
+    server.requests.clear()
+    go_offline(monkeypatch)
+    set_endpoint(monkeypatch, "http://127.0.0.1:9")
+    assert resolve(registry) == resolved and server.requests == []
+    monkeypatch.delenv(HUB_REPO_ENV)
+    with pytest.raises(WeightsNotCachedError):  # without the variable the copy is not the entry's
+        resolve(registry)
+
+
+def test_hub_repository_lacking_a_file_falls_back_to_the_url(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path, hub=False)
+    copies = publish_mirror(server, tmp_path, files=("unet",))
+    registry = registry_for(tmp_path, server.url, hub=False)
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    assert resolved.unet_path.read_bytes() == copies["unet"]
+    assert_tensors(resolved.autoencoder_path, 2)  # type: ignore[arg-type]
+    assert [r.path for r in server.requests if r.path.startswith("/releases/")] == ["/releases/ae.pth"]
+
+
+def test_hub_repository_revision_and_bad_names(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path, hub=False)
+    publish_mirror(server, tmp_path)
+    registry = registry_for(tmp_path, server.url, hub=False)
+    monkeypatch.setenv(HUB_REPO_ENV, f"{MIRROR}@{COMMIT}")
+    resolve(registry)
+    assert f"/{MIRROR}/resolve/{COMMIT}/unet.safetensors" in {r.path for r in server.requests}
+    for bad in ("no-owner", f"{MIRROR}@", "a/b/c"):
+        monkeypatch.setenv(HUB_REPO_ENV, bad)
+        with pytest.raises(WeightsError) as exc:
+            fetch("tiny", registry, quiet=True)
+        assert str(exc.value) == f"{HUB_REPO_ENV}={bad!r}: expected OWNER/NAME or OWNER/NAME@REVISION"
 
 
 def test_url_fallback_with_progress_and_sha256(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
@@ -368,7 +472,7 @@ def test_offline_and_not_cached_is_one_line(
     with pytest.raises(WeightsNotCachedError) as exc:
         resolve(registry)
     assert str(exc.value) == (
-        "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
+        "model 'tiny' is not in the cache and cannot be downloaded (offline: HF_HUB_OFFLINE is set); "
         "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
         "or use the bundled model that needs no download: --model lite"
     )
@@ -393,7 +497,7 @@ def test_unreachable_network_is_one_line(
         fetch("tiny", registry, quiet=True)
     message = str(exc.value)
     assert "\n" not in message
-    assert message.startswith("model 'tiny' is not in the cache and the hub is unreachable (hub: ")
+    assert message.startswith("model 'tiny' is not in the cache and cannot be downloaded (hub: ")
     assert message.endswith(
         "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
         "or use the bundled model that needs no download: --model lite"
@@ -625,7 +729,7 @@ def test_subprocess_reads_the_environment(tmp_path: Path, server: HubServer) -> 
     empty = run_script({**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-home")})
     assert empty.returncode == 3
     assert empty.stdout == (
-        "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
+        "model 'tiny' is not in the cache and cannot be downloaded (offline: HF_HUB_OFFLINE is set); "
         "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
         "or use the bundled model that needs no download: --model lite\n"
     )

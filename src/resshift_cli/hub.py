@@ -7,6 +7,11 @@ so it works with ``HF_HUB_OFFLINE=1``), a hub download with ``huggingface_hub.hf
 ``HF_HUB_DISABLE_PROGRESS_BARS`` itself), then the entry's upstream ``url``. A pickle checkpoint
 is converted once into safetensors, so later runs memory-map it and never unpickle anything.
 
+The hub file of an entry is its own ``repo_id``/``filename``, or else, for an entry with a ``url``,
+``hub_filename(entry)`` in the repository named by ``RESSHIFT_HUB_REPO``: a copy a team made with
+:func:`export` and uploaded. A file is checked against the sha256 known for it: the registry's
+(which names the files of the entry's own sources, not such a copy) or the hub's LFS hash.
+
 Cache layout, under ``HF_HOME`` (read from ``huggingface_hub.constants`` at call time)::
 
     hub/models--OWNER--REPO/...                    huggingface_hub's own cache (HF_HUB_CACHE)
@@ -41,10 +46,11 @@ from huggingface_hub import constants
 from resshift_cli import __version__
 from resshift_cli.registry import (
     BUNDLED_SR_MODEL,
+    DEFAULT_REVISION,
+    REPO_ID,
     AutoencoderSpec,
     ModelSpec,
     Registry,
-    WeightSource,
     load_registry,
 )
 
@@ -72,6 +78,28 @@ class ChecksumError(WeightsError):
 
 class DownloadError(WeightsError):
     """A download failed for a reason other than the network being unreachable."""
+
+
+HUB_REPO_ENV = "RESSHIFT_HUB_REPO"
+"""``OWNER/NAME`` or ``OWNER/NAME@REVISION``: a hub repository holding the files :func:`export`
+writes, tried for every entry that has a ``url`` and no hub file of its own."""
+
+
+@dataclass(frozen=True)
+class _HubFile:
+    repo_id: str
+    filename: str
+    revision: str
+    mirror: bool
+    """Named by RESSHIFT_HUB_REPO rather than by the registry entry."""
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A local file of an entry; ``mirror``: a copy from the RESSHIFT_HUB_REPO repository."""
+
+    path: Path
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -134,11 +162,11 @@ def cached_path(name: str, registry: Registry | None = None) -> Path | None:
     """The file entry ``name`` resolves to without network (converted copy preferred), or None."""
     registry = load_registry() if registry is None else registry
     entry = registry.entry(name)
-    source = _find_local(entry.source)
-    if source is None:
+    found = _find_local(entry)
+    if found is None:
         return None
-    converted = _converted_path(source, entry.name)
-    return converted if converted is not None and converted.is_file() else source
+    converted = _converted_path(found.path, entry.name)
+    return converted if converted is not None and converted.is_file() else found.path
 
 
 def verify(name: str, registry: Registry | None = None) -> tuple[bool, str]:
@@ -151,14 +179,13 @@ def verify(name: str, registry: Registry | None = None) -> tuple[bool, str]:
     registry = load_registry() if registry is None else registry
     entry = registry.entry(name)
     source = entry.source
-    path = _find_local(source)
-    if path is None and source.path is not None:
+    found = _find_local(entry)
+    if found is None and source.path is not None:
         return False, f"{name}: file not found: {source.path} (its registry path)"
-    if path is None:
+    if found is None:
         return False, f"{name}: not downloaded; run 'resshift weights fetch {name}'"
-    expected, known_from = source.sha256, "the registry"
-    if expected is None and _is_hub_lfs_blob(path):
-        expected, known_from = path.resolve().name, "the hub"
+    path = found.path
+    expected, known_from = _expected_sha256(entry, found)
     if expected is not None:
         try:
             _check_sha256(path, entry, expected, fresh=True)
@@ -207,40 +234,78 @@ def _local_file(path: str | os.PathLike[str], name: str, role: str) -> Path:
 def _resolve(
     entry: ModelSpec | AutoencoderSpec, *, quiet: bool = False, progress: ProgressCallback | None = None
 ) -> Path:
-    """A registry entry as a local safetensors file: its path, a cached copy, or a download."""
+    """A registry entry as a local safetensors file: its path, a cached copy, or a download; checked
+    against its sha256 where one is known."""
     source = entry.source
-    if source.path is not None:
-        if not source.path.is_file():
-            raise WeightsError(
-                f"{_role(entry)} {entry.name!r}: file not found: {source.path} (its registry path)"
-            )
-        path = source.path
-    else:
-        path = _find_local(source) or _download(entry, quiet=quiet, progress=progress)
-    if source.sha256 is not None:
-        _check_sha256(path, entry, source.sha256)
-    return _as_safetensors(path, entry.name)
+    if source.path is not None and not source.path.is_file():
+        raise WeightsError(
+            f"{_role(entry)} {entry.name!r}: file not found: {source.path} (its registry path)"
+        )
+    found = _find_local(entry) or _download(entry, quiet=quiet, progress=progress)
+    expected, _ = _expected_sha256(entry, found)
+    if expected is not None:
+        _check_sha256(found.path, entry, expected)
+    return _as_safetensors(found.path, entry.name)
 
 
 def _role(entry: ModelSpec | AutoencoderSpec) -> str:
     return "model" if isinstance(entry, ModelSpec) else "autoencoder"
 
 
-def _find_local(source: WeightSource) -> Path | None:
-    """The entry's ``path``, or its copy in the hub cache or the download cache; no network."""
-    if source.path is not None:
-        return source.path if source.path.is_file() else None
+def hub_filename(entry: ModelSpec | AutoencoderSpec) -> str:
+    """The name of ``entry``'s file in a repository made by :func:`export`: its upstream file name
+    (from its ``url``, else ``filename`` or ``path``) with the suffix ``.safetensors``."""
+    source = entry.source
+    candidates = (
+        source.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if source.url else None,
+        source.filename.rsplit("/", 1)[-1] if source.filename else None,
+        source.path.name if source.path else None,
+    )
+    stem = next((Path(c).stem for c in candidates if c and Path(c).stem), entry.name)
+    return f"{stem}.safetensors"
+
+
+def _hub_file(entry: ModelSpec | AutoencoderSpec) -> _HubFile | None:
+    """The entry's own hub file, else its copy in the RESSHIFT_HUB_REPO repository, else None."""
+    source = entry.source
     if source.repo_id is not None and source.filename is not None:
+        return _HubFile(source.repo_id, source.filename, source.revision, mirror=False)
+    named = os.environ.get(HUB_REPO_ENV, "").strip()
+    if not named or source.url is None:
+        return None
+    repo_id, at, revision = named.partition("@")
+    if not REPO_ID.fullmatch(repo_id) or (at and not revision):
+        raise WeightsError(f"{HUB_REPO_ENV}={named!r}: expected OWNER/NAME or OWNER/NAME@REVISION")
+    return _HubFile(repo_id, hub_filename(entry), revision or DEFAULT_REVISION, mirror=True)
+
+
+def _find_local(entry: ModelSpec | AutoencoderSpec) -> _Found | None:
+    """The entry's ``path``, or its copy in the hub cache or the download cache; no network."""
+    source = entry.source
+    if source.path is not None:
+        return _Found(source.path) if source.path.is_file() else None
+    hub_file = _hub_file(entry)
+    if hub_file is not None:
         from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(source.repo_id, source.filename, revision=source.revision)
+        hit = try_to_load_from_cache(hub_file.repo_id, hub_file.filename, revision=hub_file.revision)
         if isinstance(hit, str):
-            return Path(hit)
+            return _Found(Path(hit), hub_file.mirror)
     if source.url is not None:
         path = _download_path(source.url)
         if path.is_file():
-            return path
+            return _Found(path)
     return None
+
+
+def _expected_sha256(entry: ModelSpec | AutoencoderSpec, found: _Found) -> tuple[str | None, str]:
+    """The sha256 the file must have and who says so: the registry for the files of the entry's own
+    sources, the hub for a hub-cache blob stored under its LFS hash; (None, "") when unknown."""
+    if entry.source.sha256 is not None and not found.mirror:
+        return entry.source.sha256, "the registry"
+    if _is_hub_lfs_blob(found.path):
+        return found.path.resolve().name, "the hub"
+    return None, ""
 
 
 def _offline() -> bool:
@@ -249,7 +314,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
 
 
-def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: ProgressCallback | None) -> Path:
+def _download(
+    entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: ProgressCallback | None
+) -> _Found:
     """Fetch an entry that is not cached: the hub first, then the upstream URL."""
     role, name, source = _role(entry), entry.name, entry.source
     flag = "--checkpoint" if role == "model" else "--autoencoder"
@@ -257,16 +324,17 @@ def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: Prog
         raise WeightsNotCachedError(_not_cached_message(entry, flag, "offline: HF_HUB_OFFLINE is set"))
     failures: list[str] = []
     unreachable: list[str] = []
-    if source.repo_id is not None and source.filename is not None:
+    hub_file = _hub_file(entry)
+    if hub_file is not None:
         try:
-            return _hub_download(source, name, quiet=quiet, progress=progress)
+            return _Found(_hub_download(hub_file, name, quiet=quiet, progress=progress), hub_file.mirror)
         except _Unreachable as exc:
             unreachable.append(f"hub: {exc}")
         except DownloadError as exc:
-            failures.append(f"hub {source.repo_id}/{source.filename}: {exc}")
+            failures.append(f"hub {hub_file.repo_id}/{hub_file.filename}: {exc}")
     if source.url is not None:
         try:
-            return _url_download(entry, quiet=quiet, progress=progress)
+            return _Found(_url_download(entry, quiet=quiet, progress=progress))
         except _Unreachable as exc:
             unreachable.append(f"{source.url}: {exc}")
         except DownloadError as exc:
@@ -280,7 +348,7 @@ def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: Prog
 
 def _not_cached_message(entry: ModelSpec | AutoencoderSpec, flag: str, why: str) -> str:
     message = (
-        f"{_role(entry)} {entry.name!r} is not in the cache and the hub is unreachable ({why}); "
+        f"{_role(entry)} {entry.name!r} is not in the cache and cannot be downloaded ({why}); "
         f"run 'resshift weights fetch {entry.name}' with network access, or pass {flag} PATH"
     )
     if isinstance(entry, ModelSpec) and entry.task == "sr":
@@ -301,18 +369,17 @@ def _is_network_error(exc: BaseException) -> bool:
     return any(cls.__name__ in ("TransportError", "ConnectionError", "Timeout") for cls in type(exc).__mro__)
 
 
-def _hub_download(source: WeightSource, name: str, *, quiet: bool, progress: ProgressCallback | None) -> Path:
+def _hub_download(hub_file: _HubFile, name: str, *, quiet: bool, progress: ProgressCallback | None) -> Path:
     """Download through huggingface_hub into its cache; a HEAD request first, so that an unreachable
     hub fails at once instead of after huggingface_hub's retries."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-    assert source.repo_id is not None and source.filename is not None
     try:
-        get_hf_file_metadata(hf_hub_url(source.repo_id, source.filename, revision=source.revision))
+        get_hf_file_metadata(hf_hub_url(hub_file.repo_id, hub_file.filename, revision=hub_file.revision))
         path = hf_hub_download(
-            source.repo_id,
-            source.filename,
-            revision=source.revision,
+            hub_file.repo_id,
+            hub_file.filename,
+            revision=hub_file.revision,
             library_name="resshift-cli",
             library_version=__version__,
             tqdm_class=_hub_progress_class(name, quiet, progress),
@@ -320,17 +387,17 @@ def _hub_download(source: WeightSource, name: str, *, quiet: bool, progress: Pro
     except Exception as exc:  # huggingface_hub raises many unrelated types; sorted out here
         if _is_network_error(exc):
             raise _Unreachable(_first_line(exc)) from None
-        raise DownloadError(_hub_failure(exc, source)) from None
+        raise DownloadError(_hub_failure(exc, hub_file)) from None
     return Path(path)
 
 
-def _hub_failure(exc: Exception, source: WeightSource) -> str:
+def _hub_failure(exc: Exception, hub_file: _HubFile) -> str:
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(exc, RepositoryNotFoundError):
         return "repository not found (or private: set HF_TOKEN)"
     if isinstance(exc, RevisionNotFoundError):
-        return f"revision {source.revision!r} not found"
+        return f"revision {hub_file.revision!r} not found"
     if isinstance(exc, EntryNotFoundError):
         return "file not found"
     status = getattr(getattr(exc, "response", None), "status_code", None)

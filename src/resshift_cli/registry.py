@@ -33,7 +33,7 @@ BUNDLED_SR_MODEL = "lite"
 """The small x4 SR model shipped inside the package (configs/lite.toml): works with no download."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 Key = tuple[str, ...]
@@ -62,7 +62,8 @@ class WeightSource:
 
 @dataclass(frozen=True)
 class AutoencoderSpec:
-    """A VQ autoencoder: upstream's ``embed_dim``, ``n_embed`` and ``ddconfig``, and its weights."""
+    """A VQ autoencoder: upstream's ``embed_dim``, ``n_embed`` and ``ddconfig``, its weights and their
+    licence."""
 
     name: str
     embed_dim: int
@@ -70,11 +71,13 @@ class AutoencoderSpec:
     ddconfig: dict[str, Any]
     source: WeightSource
     description: str = ""
+    license: str = ""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A diffusion model: task, UNet and diffusion hyper-parameters (upstream names), weights.
+    """A diffusion model: task, UNet and diffusion hyper-parameters (upstream names), weights and
+    their licence.
 
     ``autoencoder`` names an :class:`AutoencoderSpec`, or is None for a pixel-space model.
     """
@@ -88,6 +91,7 @@ class ModelSpec:
     diffusion: dict[str, Any]
     autoencoder: str | None
     source: WeightSource
+    license: str = ""
 
 
 @dataclass(frozen=True)
@@ -214,7 +218,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 def _forget_stale_hashes(merged: dict[str, Any], new: Mapping[str, Any]) -> None:
     """Drop an entry's ``sha256`` when a later layer points it at other weights without giving
-    one: the hash belongs to the file, and the file changed (e.g. your own run named ``lite``)."""
+    one: the hash belongs to the file, and the file changed (e.g. your own run named ``lite``).
+    Its ``license`` stays: a local copy of published weights is under their licence still."""
     for section, entries in new.items():
         if not isinstance(entries, dict) or not isinstance(merged.get(section), dict):
             continue
@@ -257,8 +262,18 @@ def _show(value: object) -> str:
 
 
 _SOURCE_KEYS = ("repo_id", "filename", "revision", "url", "sha256", "path")
-_MODEL_KEYS = ("description", "task", "scale", "steps", "autoencoder", "unet", "diffusion", *_SOURCE_KEYS)
-_AUTOENCODER_KEYS = ("description", "embed_dim", "n_embed", "ddconfig", *_SOURCE_KEYS)
+_MODEL_KEYS = (
+    "description",
+    "task",
+    "scale",
+    "steps",
+    "autoencoder",
+    "license",
+    "unet",
+    "diffusion",
+    *_SOURCE_KEYS,
+)
+_AUTOENCODER_KEYS = ("description", "embed_dim", "n_embed", "ddconfig", "license", *_SOURCE_KEYS)
 
 
 class _Validator:
@@ -322,6 +337,9 @@ class _Validator:
             raise self.fail(key, f"expected {what}, got {_show(value)}")
         return value
 
+    def optional_string(self, key: Key, raw: dict[str, Any], name: str) -> str:
+        return self.string((*key, name), raw[name]) if name in raw else ""
+
     def positive_int(self, key: Key, value: object) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(key, f"expected an integer, got {_show(value)}")
@@ -332,7 +350,7 @@ class _Validator:
     def source(self, key: Key, name: str, raw: dict[str, Any]) -> WeightSource:
         get = {k: raw[k] for k in _SOURCE_KEYS if k in raw}
         repo_id = (
-            self.string((*key, "repo_id"), get["repo_id"], _REPO_ID, "'owner/name'")
+            self.string((*key, "repo_id"), get["repo_id"], REPO_ID, "'owner/name'")
             if "repo_id" in get
             else None
         )
@@ -375,6 +393,7 @@ class _Validator:
             description=self.string((*key, "description"), raw["description"])
             if "description" in raw
             else "",
+            license=self.optional_string(key, raw, "license"),
         )
 
     def model(self, name: str, raw: dict[str, Any], autoencoders: Mapping[str, AutoencoderSpec]) -> ModelSpec:
@@ -417,6 +436,7 @@ class _Validator:
             diffusion=diffusion,
             autoencoder=autoencoder,
             source=self.source(key, name, raw),
+            license=self.optional_string(key, raw, "license"),
         )
 
     def defaults(self, models: Mapping[str, ModelSpec]) -> dict[str, str]:
