@@ -13,6 +13,7 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -22,11 +23,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from hubserver import COMMIT, HubServer
 from huggingface_hub import constants
+from reference import reference_path
 from safetensors.torch import load_file, save_file
+from tinymodels import write_registry
 
 from resshift_cli import hub
+from resshift_cli.cli import main
 from resshift_cli.hub import (
     HUB_REPO_ENV,
     ChecksumError,
@@ -734,3 +739,128 @@ def test_subprocess_reads_the_environment(tmp_path: Path, server: HubServer) -> 
         "or use the bundled model that needs no download: --model lite\n"
     )
     assert server.requests == []
+
+
+# Exporting the folder of a team's own hub repository ----------------------------------------------
+
+S_LAB = 'license = "S-Lab License 1.0 (non-commercial use only)"'
+
+
+def sha256sums(directory: Path) -> dict[str, str]:
+    lines = (directory / "SHA256SUMS").read_text().splitlines()
+    return {name: digest for digest, name in (line.split("  ") for line in lines)}
+
+
+def test_export_then_use_as_the_hub_repository(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round trip a team makes: export (downloading from the upstream URLs), upload the folder
+    as a hub repository, name it in RESSHIFT_HUB_REPO; a fresh cache then gets the same tensors
+    from it, each file matching the digest SHA256SUMS gives for it."""
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=S_LAB, hub=False)
+    out = tmp_path / "export"
+    files = hub.export(out, ["tiny"], registry, quiet=True)
+    assert [(f.entry, f.filename) for f in files] == [
+        ("tiny", "unet.safetensors"),
+        ("tiny-ae", "ae.safetensors"),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "SHA256SUMS",
+        "ae.safetensors",
+        "unet.safetensors",
+    ]
+    sums = sha256sums(out)
+    assert sums == {f.filename: sha256((out / f.filename).read_bytes()) for f in files}
+    assert_tensors(out / "unet.safetensors", 1)
+    assert_tensors(out / "ae.safetensors", 2)  # the pickle's tensors, unwrapped
+
+    server.add_repo(MIRROR)
+    for name in sums:
+        server.add_hub_file(MIRROR, name, (out / name).read_bytes())
+    shutil.rmtree(hf_home / "resshift")  # no URL download and no conversion left in the cache
+    server.requests.clear()
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    assert resolved.unet_path.resolve().name == sums["unet.safetensors"]
+    assert resolved.autoencoder_path.resolve().name == sums["ae.safetensors"]  # type: ignore[union-attr]
+    assert_tensors(resolved.autoencoder_path, 2)  # type: ignore[arg-type]
+    assert not [r for r in server.requests if r.path.startswith("/releases/")]
+
+
+def test_export_model_card(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=S_LAB, autoencoder=S_LAB, hub=False)
+    out = tmp_path / "export"
+    hub.export(out, ["tiny"], registry, quiet=True)
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert "license: other\nlicense_name: s-lab-license-1.0\n" in front
+    assert "**non-commercial use only**" in card
+    sums = sha256sums(out)
+    for name, digest in sums.items():
+        assert f"| {name} | " in card and f"`{digest}`" in card
+    assert "export RESSHIFT_HUB_REPO=OWNER/NAME" in card and "resshift weights fetch tiny" in card
+    pinned = ["[models.tiny]", 'repo_id = "OWNER/NAME"', 'filename = "unet.safetensors"']
+    assert "\n".join([*pinned, f'sha256 = "{sums["unet.safetensors"]}"']) in card
+    assert "@inproceedings{yue2023resshift," in card
+
+    # One file with no licence in the registry: the card says so instead of claiming one.
+    registry = registry_for(tmp_path, server.url, model=S_LAB, hub=False)
+    hub.export(out, ["tiny"], registry, quiet=True)
+    card = (out / "README.md").read_text()
+    assert "license_name: per-file" in card and "| not stated in the registry |" in card
+
+
+def test_export_writes_nothing_when_a_file_cannot_be_had(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, hub=False)
+    fetch("tiny", registry, quiet=True)
+    server.files.pop("/releases/ae.pth")
+    shutil.rmtree(
+        hf_home / "resshift" / "downloads" / hub._download_path(f"{server.url}/releases/ae.pth").parent.name
+    )
+    shutil.rmtree(hf_home / "resshift" / "converted")
+    with pytest.raises(DownloadError, match=r"^autoencoder 'tiny-ae' could not be downloaded"):
+        hub.export(tmp_path / "export", ["tiny"], registry, quiet=True)
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_refuses_two_entries_under_one_file_name(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    base = make_registry(tmp_path, server.url, hub=False)
+    override = tmp_path / "override.toml"
+    override.write_text(f'[autoencoders.tiny-ae]\nurl = "{server.url}/elsewhere/unet.pth"\n')
+    registry = load_registry(override, env={"RESSHIFT_REGISTRY": str(base)})
+    with pytest.raises(WeightsError) as exc:
+        hub.export(tmp_path / "export", ["tiny"], registry, quiet=True)
+    assert str(exc.value) == (
+        "'tiny' and 'tiny-ae' would both be written as unet.safetensors; export them one at a time"
+    )
+    assert not (tmp_path / "export").exists() and server.requests == []
+
+
+def test_weights_export_command_with_the_tiny_models(tmp_path: Path, hf_home: Path) -> None:
+    """Offline, with the tiny random-weight models of ../shared (registry ``path`` entries)."""
+    registry = write_registry(tmp_path)
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["weights", "export", str(out), "tiny-sr", "--registry", str(registry)])
+    assert result.exit_code == 0, result.output
+    sums = sha256sums(out)
+    assert result.output.splitlines() == [
+        f"tiny-sr.safetensors  sha256 {sums['tiny-sr.safetensors']}  (tiny-sr)",
+        f"tiny-sr-vq.safetensors  sha256 {sums['tiny-sr-vq.safetensors']}  (tiny-sr-vq)",
+        f"wrote 2 weights files, SHA256SUMS and README.md to {out}",
+    ]
+    for name, original in (("tiny-sr", "unet"), ("tiny-sr-vq", "autoencoder")):
+        exported = load_file(str(out / f"{name}.safetensors"))
+        reference = load_file(str(reference_path("parity", "sr-tiny", f"{original}.safetensors")))
+        assert exported.keys() == reference.keys()
+        assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+    missing = CliRunner().invoke(main, ["weights", "export", str(out), "nope", "--registry", str(registry)])
+    assert missing.exit_code == 3 and missing.output.startswith("error: unknown weights 'nope'; known: ")

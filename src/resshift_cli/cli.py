@@ -380,6 +380,28 @@ def weights_convert(src: Path, dst: Path) -> None:
     click.echo(str(convert(src, dst)))
 
 
+@weights.command("export", context_settings=CONTEXT)
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("names", nargs=-1)
+@_registry_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, no list of files.")
+@_weights_errors
+def weights_export(directory: Path, names: tuple[str, ...], registry: Path | None, quiet: bool) -> None:
+    """Write DIRECTORY to upload as a Hub repository of your own: the weights of NAMES (default:
+    all; a model brings its autoencoder) as safetensors, SHA256SUMS and a model card (README.md).
+
+    Then set RESSHIFT_HUB_REPO=OWNER/NAME to download from it (docs/weights.md).
+    """
+    from resshift_cli.hub import export
+    from resshift_cli.registry import load_registry
+
+    files = export(directory, names, load_registry(registry), quiet=quiet)
+    if not quiet:
+        for file in files:
+            click.echo(f"{file.filename}  sha256 {file.sha256}  ({file.entry})")
+        click.echo(f"wrote {len(files)} weights files, SHA256SUMS and README.md to {directory}")
+
+
 @main.command(context_settings=CONTEXT)
 @click.argument("config", type=click.Path(path_type=Path, dir_okay=False, exists=True))
 @click.argument("overrides", nargs=-1)

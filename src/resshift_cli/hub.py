@@ -36,7 +36,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -223,6 +223,190 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     return dst
 
 
+@dataclass(frozen=True)
+class ExportedFile:
+    """One weights file written by :func:`export`."""
+
+    entry: str
+    filename: str
+    sha256: str
+    size: int
+    license: str
+
+
+def export(
+    directory: str | os.PathLike[str],
+    names: Sequence[str] = (),
+    registry: Registry | None = None,
+    *,
+    quiet: bool = False,
+    progress: ProgressCallback | None = None,
+) -> list[ExportedFile]:
+    """Write the folder a team uploads as its own hub repository (see RESSHIFT_HUB_REPO).
+
+    Each entry in ``names`` (default: every entry; a model brings its autoencoder) is resolved as a
+    run resolves it (downloaded if needed, checked, converted), then written as
+    :func:`hub_filename`: a sealed safetensors file with the same tensors. ``SHA256SUMS`` lists the
+    files' sha256, and ``README.md`` is a model card with the licence of each file from the registry.
+    """
+    from resshift_cli.checkpoints import CheckpointError, read_state_dict, save_safetensors
+
+    registry = load_registry() if registry is None else registry
+    entries = _export_entries(registry, names)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WeightsError(f"{directory}: not a folder")
+    taken: dict[str, str] = {}
+    for entry in entries:
+        filename = hub_filename(entry)
+        if filename in taken:
+            raise WeightsError(
+                f"{taken[filename]!r} and {entry.name!r} would both be written as {filename}; "
+                "export them one at a time"
+            )
+        taken[filename] = entry.name
+    # Everything is found (or downloaded) first, so that a missing file leaves no half-made folder.
+    sources = [_resolve(entry, quiet=quiet, progress=progress) for entry in entries]
+    written = []
+    for entry, source in zip(entries, sources, strict=True):
+        dst = directory / hub_filename(entry)
+        try:
+            save_safetensors(read_state_dict(source), dst)
+        except CheckpointError as exc:
+            raise WeightsError(str(exc)) from None
+        except OSError as exc:
+            raise WeightsError(f"cannot write {dst}: {exc.strerror or exc}") from None
+        size = dst.stat().st_size
+        written.append(ExportedFile(entry.name, dst.name, _sha256_file(dst), size, entry.license))
+    _write_text(directory / "SHA256SUMS", "".join(f"{f.sha256}  {f.filename}\n" for f in written))
+    _write_text(directory / "README.md", model_card(written, registry))
+    return written
+
+
+def _export_entries(registry: Registry, names: Sequence[str]) -> list[ModelSpec | AutoencoderSpec]:
+    """The entries named (all by default), each model followed by its autoencoder, each once."""
+    entries: dict[str, ModelSpec | AutoencoderSpec] = {}
+    for name in names or registry.names():
+        entry = registry.entry(name)
+        entries.setdefault(entry.name, entry)
+        if isinstance(entry, ModelSpec) and entry.autoencoder is not None:
+            entries.setdefault(entry.autoencoder, registry.autoencoder(entry.autoencoder))
+    return list(entries.values())
+
+
+S_LAB_LICENSE = "S-Lab License 1.0"
+"""The licence of ResShift's published weights (non-commercial use), as the registry names it."""
+
+_CITATION = """@inproceedings{yue2023resshift,
+  title={ResShift: Efficient Diffusion Model for Image Super-resolution by Residual Shifting},
+  author={Yue, Zongsheng and Wang, Jianyi and Loy, Chen Change},
+  booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
+  volume={36},
+  year={2023}
+}"""
+
+
+def model_card(files: Sequence[ExportedFile], registry: Registry) -> str:
+    """The README.md of an exported repository: Hub metadata, use, files with sha256 and licence."""
+    s_lab = all(S_LAB_LICENSE in f.license for f in files)
+    front = ["---", "license: other"]
+    if s_lab:
+        front += ["license_name: s-lab-license-1.0", "license_link: https://github.com/zsyOAOA/ResShift"]
+    else:
+        front += ["license_name: per-file"]
+    front += [
+        "library_name: resshift-cli",
+        "pipeline_tag: image-to-image",
+        "tags:",
+        *(f"- {tag}" for tag in ("resshift", "image-restoration", "super-resolution", "diffusion")),
+        "---",
+    ]
+    rows = [
+        f"| {f.filename} | {f.entry} | {_description(registry, f.entry)} | {f.size:,} | `{f.sha256}` "
+        f"| {f.license or 'not stated in the registry'} |"
+        for f in files
+    ]
+    mirrored = next((f for f in files if registry.entry(f.entry).source.url is not None), None)
+    pinned = files[0]
+    table = "models" if pinned.entry in registry.models else "autoencoders"
+    licence = (
+        f"Every file here is under the {S_LAB_LICENSE} of ResShift's authors (NTU S-Lab): "
+        "**non-commercial use only**; read it in github.com/zsyOAOA/ResShift before any other use."
+        if s_lab
+        else "Each file is under the licence its row names; a file whose licence the registry does "
+        "not state is under whatever terms its source gave. The ResShift weights published by "
+        f"their authors are under the {S_LAB_LICENSE}: non-commercial use only."
+    )
+    body = [
+        "# ResShift weights for resshift-cli",
+        "",
+        f"Safetensors copies of image-restoration weights, written by `resshift weights export` "
+        f"(resshift-cli {__version__}). Each file holds the same tensors as the file the resshift-cli "
+        "registry names for it, and carries a sha256 of itself: resshift-cli refuses a copy whose "
+        "bytes changed.",
+        "",
+        "## Use",
+        "",
+        *(
+            [
+                "```bash",
+                "export RESSHIFT_HUB_REPO=OWNER/NAME   # this repository",
+                f"resshift weights fetch {mirrored.entry}",
+                "```",
+                "",
+                "resshift-cli then looks here first for every registry entry with an upstream URL, "
+                "under the upstream file name with the suffix `.safetensors`, through the Hugging Face "
+                "cache (`HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN` for a private repository), and falls "
+                "back to the URL for a file this repository lacks.",
+                "",
+            ]
+            if mirrored is not None
+            else []
+        ),
+        f"{'Or name' if mirrored is not None else 'Name'} a file in a registry file of your own "
+        "(`--registry FILE`, or `RESSHIFT_REGISTRY`), which pins its sha256 too:",
+        "",
+        "```toml",
+        f"[{table}.{pinned.entry}]",
+        'repo_id = "OWNER/NAME"',
+        f'filename = "{pinned.filename}"',
+        f'sha256 = "{pinned.sha256}"',
+        "```",
+        "",
+        "## Files",
+        "",
+        "| file | registry entry | what | bytes | sha256 | licence |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "`SHA256SUMS` lists the same digests: `sha256sum -c SHA256SUMS`.",
+        "",
+        "## Licence",
+        "",
+        licence,
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        _CITATION,
+        "```",
+    ]
+    return "\n".join([*front, "", *body]) + "\n"
+
+
+def _description(registry: Registry, name: str) -> str:
+    return registry.entry(name).description.replace("|", "/") or "-"
+
+
+def _write_text(path: Path, text: str) -> None:
+    from resshift_cli.imageio import ImageError, _atomic_write
+
+    try:
+        _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    except ImageError as exc:
+        raise WeightsError(str(exc)) from None
+
+
 def _local_file(path: str | os.PathLike[str], name: str, role: str) -> Path:
     """An explicit file standing in for an entry, as safetensors (converted once if a pickle)."""
     file = Path(path).expanduser()
@@ -253,16 +437,17 @@ def _role(entry: ModelSpec | AutoencoderSpec) -> str:
 
 
 def hub_filename(entry: ModelSpec | AutoencoderSpec) -> str:
-    """The name of ``entry``'s file in a repository made by :func:`export`: its upstream file name
-    (from its ``url``, else ``filename`` or ``path``) with the suffix ``.safetensors``."""
+    """The name of ``entry``'s file in a repository made by :func:`export`: the upstream file name
+    of its ``url`` (else of its hub ``filename``, else the entry's name) with the suffix
+    ``.safetensors``; RESSHIFT_HUB_REPO lookups use the same name."""
     source = entry.source
-    candidates = (
-        source.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] if source.url else None,
-        source.filename.rsplit("/", 1)[-1] if source.filename else None,
-        source.path.name if source.path else None,
-    )
-    stem = next((Path(c).stem for c in candidates if c and Path(c).stem), entry.name)
-    return f"{stem}.safetensors"
+    if source.url is not None:
+        stem = Path(source.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]).stem
+    elif source.filename is not None:
+        stem = Path(source.filename).stem
+    else:
+        stem = ""
+    return f"{stem or entry.name}.safetensors"
 
 
 def _hub_file(entry: ModelSpec | AutoencoderSpec) -> _HubFile | None:
