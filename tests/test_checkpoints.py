@@ -213,7 +213,7 @@ def test_saved_files_are_sealed_with_their_own_sha256(tmp_path: Path) -> None:
 
 
 @settings(max_examples=300, deadline=None, database=None)
-@given(start=st.integers(0, 10**6), masks=st.binary(min_size=1, max_size=64).filter(lambda b: 0 not in b))
+@given(start=st.integers(0, 10**6), masks=st.lists(st.integers(1, 255), min_size=1, max_size=64).map(bytes))
 def test_any_change_to_a_sealed_file_is_refused(start: int, masks: bytes) -> None:
     """Changing any byte range of a file :func:`save_safetensors` wrote (header, seal, tensor data)
     makes reading it fail with one CheckpointError line."""
