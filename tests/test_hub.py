@@ -314,6 +314,45 @@ def test_hub_repository_named_by_the_environment(
         resolve(registry)
 
 
+def prefill_hub_cache(home: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """Lay ``files`` out in the Hugging Face cache as huggingface_hub does (blobs named by their
+    sha256, a snapshot of links, refs/main), as a cache copied from another machine would be."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    for name, content in files.items():
+        (repo / "blobs" / sha256(content)).write_bytes(content)
+        (repo / "snapshots" / COMMIT / name).symlink_to(Path("../../blobs") / sha256(content))
+
+
+def test_hub_repository_from_a_prefilled_cache_offline(
+    tmp_path: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server at all: the copies come from a cache filled elsewhere, and are checked against
+    the LFS sha256 they are stored under (a changed blob is refused and deleted)."""
+    copies = {
+        "unet.safetensors": safetensors_bytes(tmp_path, 11),
+        "ae.safetensors": safetensors_bytes(tmp_path, 12),
+    }
+    prefill_hub_cache(hf_home, MIRROR, copies)
+    registry = registry_for(tmp_path, "http://127.0.0.1:9", hub=False)  # nothing listens there
+    go_offline(monkeypatch)
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    assert resolved.unet_path.read_bytes() == copies["unet.safetensors"]
+    assert resolved.autoencoder_path.read_bytes() == copies["ae.safetensors"]  # type: ignore[union-attr]
+
+    blob = resolved.unet_path.resolve()
+    blob.write_bytes(safetensors_bytes(tmp_path, 13))
+    with pytest.raises(ChecksumError, match="deleted the cached copy"):
+        resolve(registry)
+    assert not blob.exists()
+    with pytest.raises(WeightsNotCachedError, match="offline"):
+        resolve(registry)
+
+
 def test_hub_repository_lacking_a_file_falls_back_to_the_url(
     tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
