@@ -190,7 +190,7 @@ def _check_finite(path: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
 
     bad = file_fact(path, "non-finite", first_bad)
     if bad:
-        raise CheckpointError(f"{path}: corrupt: {bad} holds NaN or infinite values")
+        raise CheckpointError(f"{path}: {bad} holds NaN or infinite values, which no usable weights do")
 
 
 def unwrap_state_dict(raw: object, source: str = "checkpoint") -> dict[str, torch.Tensor]:
@@ -320,7 +320,8 @@ def save_safetensors(state_dict: Mapping[str, torch.Tensor], path: str | os.Path
         tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
         save_file(tensors, str(tmp), metadata={SEAL_KEY: _SEAL_PREFIX + _UNSEALED})
         seal = _find_seal(tmp)
-        assert seal is not None and seal[0] == _UNSEALED, "safetensors did not keep the metadata"
+        if seal is None or seal[0] != _UNSEALED:
+            raise RuntimeError("safetensors did not write the metadata it was given")
         digest = _seal_digest(tmp, seal[1])
         with open(tmp, "r+b") as f:
             f.seek(seal[1])
