@@ -262,7 +262,7 @@ def face(inputs: tuple[Path, ...], batch_dir: Path | None, **kw: Any) -> None:
 
 @main.group(context_settings=CONTEXT)
 def weights() -> None:
-    """List, download, verify and convert model weights."""
+    """List, download, verify, convert and export model weights."""
 
 
 def _weights_errors(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -387,10 +387,11 @@ def weights_convert(src: Path, dst: Path) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bars, no list of files.")
 @_weights_errors
 def weights_export(directory: Path, names: tuple[str, ...], registry: Path | None, quiet: bool) -> None:
-    """Write DIRECTORY to upload as a Hub repository of your own: the weights of NAMES (default:
-    all; a model brings its autoencoder) as safetensors, SHA256SUMS and a model card (README.md).
+    """Write the folder of a Hub repository of your own into DIRECTORY.
 
-    Then set RESSHIFT_HUB_REPO=OWNER/NAME to download from it (docs/weights.md).
+    It holds the weights of NAMES (default: all; a model brings its autoencoder) as safetensors,
+    SHA256SUMS and a model card (README.md). Upload it, then set RESSHIFT_HUB_REPO=OWNER/NAME to
+    download from it (docs/weights.md).
     """
     from resshift_cli.hub import export
     from resshift_cli.registry import load_registry
