@@ -1,4 +1,4 @@
-"""End-to-end benchmark of x4 super-resolution with the full-size realsr-v3 architecture.
+"""End-to-end benchmark of x4 super-resolution with a full-size architecture (realsr-v3 by default).
 
 No downloads: the networks get random weights (seeded), which cost exactly what the published
 ones cost. For each output size it prints seconds and peak memory per stage (encode, each UNet
@@ -11,6 +11,7 @@ with one model in memory, and the script checks that both give the same output w
 
     python benchmarks/bench.py                       # 256, 1024, 2048; 3 runs each
     python benchmarks/bench.py --sizes 256 --runs 5  # a quick look
+    python benchmarks/bench.py --sizes 256 --no-plain --model sinsr   # one network call
 """
 
 from __future__ import annotations
@@ -134,12 +135,14 @@ def build(
     precision: torch.dtype | None,
     optimize: bool = True,
     unet_memory: float | None = None,
+    model: str = "realsr-v3",
 ) -> Restorer:
-    """realsr-v3 with random weights drawn from seed 0: every build has the same weights.
+    """``model`` (a latent SR model of the registry) with random weights drawn from seed 0: every
+    build has the same weights, and costs what the published ones cost.
 
     ``unet_memory`` caps the network's estimated memory (bytes; None: the restorer's default)."""
     registry = load_registry()
-    spec = registry.model("realsr-v3")
+    spec = registry.model(model)
     ae_spec = registry.autoencoder(spec.autoencoder or "vq-f4")
     torch.manual_seed(0)
     unet = UNet(**spec.unet)
@@ -151,6 +154,7 @@ def build(
         latent,
         device,
         precision,
+        sample_steps=spec.sample_steps,
         optimize=optimize,
         unet_memory=unet_memory,
     )
@@ -159,9 +163,9 @@ def build(
 class FlopTable:
     """FLOPs per stage call, counted once per input shape on shape-only (meta) models."""
 
-    def __init__(self) -> None:
+    def __init__(self, model: str = "realsr-v3") -> None:
         registry = load_registry()
-        spec = registry.model("realsr-v3")
+        spec = registry.model(model)
         ae_spec = registry.autoencoder(spec.autoencoder or "vq-f4")
         with torch.device("meta"):
             self.unet = UNet(**spec.unet)
@@ -241,7 +245,7 @@ def run_path(
     One model at a time is in memory, as in a user's process, so the peaks are a user's peaks.
     """
     unet_memory = None if args.unet_memory is None else args.unet_memory * 2**30
-    restorer = build(device, precision, optimize, unet_memory)
+    restorer = build(device, precision, optimize, unet_memory, args.model)
     for _ in range(args.warmup):  # allocator, oneDNN primitives, the models' caches
         run_once(restorer, image, args.seed)
     runs = []
@@ -336,6 +340,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", default="256,1024,2048", help="output sizes (square), comma-separated")
     parser.add_argument("--runs", type=int, default=3, help="runs per size and path (medians are reported)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--model",
+        default="realsr-v3",
+        help="a latent x4 model of the registry: realsr-v1, realsr-v3, sinsr, ...",
+    )
     parser.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16"])
     parser.add_argument("--no-plain", action="store_true", help="skip the plain eager comparison")
     parser.add_argument("--seed", type=int, default=12345)
@@ -350,12 +359,12 @@ def main(argv: list[str] | None = None) -> None:
 
     device = resolve_device(args.device)
     precision = autocast_dtype(device, args.precision)
-    flops = FlopTable()
+    flops = FlopTable(args.model)
     rate_before = matmul_gflops(device)
     print(
         f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads; device {device}, "
-        f"precision {'fp32' if precision is None else precision}"
+        f"precision {'fp32' if precision is None else precision}; model {args.model} (random weights)"
     )
     print(f"fp32 matrix product (2048^2): {rate_before:.0f} GFLOP/s (measured again after every run)")
     rates = [rate_before]

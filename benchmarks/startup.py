@@ -1,11 +1,14 @@
-"""Start-up of the command line: `resshift --help`, and a real `resshift sr` until its first compute.
+"""Start-up of a real `resshift sr` process, part by part, against `python -c "import torch"`.
 
 Writes full-size realsr-v3 and vq-f4 weights (random, safetensors, about 700 MB) to a folder once,
-names them in a registry file, then launches `resshift sr` in fresh processes and records, from
-the moment of launch, when the first network call starts (the encoder) and when the first UNet
-step starts. Medians of several launches.
+names them in a registry file (so they are "cached": nothing is downloaded or converted), then
+launches `resshift sr` on two tiny inputs in fresh processes. It prints medians over the runs of:
+the whole process's wall time; `import torch` alone; the two images' own `--json` seconds; what the
+process spends beyond torch's import outside the images (the start-up cost); and, from an
+instrumented launch, when each part ends after launch (imports, registry, weights resolved,
+networks built, weights loaded, model on the device, first and second image, exit).
 
-    python benchmarks/startup.py [--weights-dir /tmp/resshift-startup] [--runs 5]
+    python benchmarks/startup.py [--device cpu|cuda] [--runs 5] [--weights-dir DIR]
 """
 
 from __future__ import annotations
@@ -21,25 +24,47 @@ import time
 from pathlib import Path
 
 _DRIVER = r"""
-import os, sys, time
+import atexit, json, os, sys, time
 launched = float(os.environ["STARTUP_LAUNCHED"])
 marks = {}
-from resshift_cli.models import autoencoder, unet
+def mark(label):
+    marks.setdefault(label, time.time() - launched)
+atexit.register(lambda: print(json.dumps(marks), file=sys.stderr))
+import torch
+mark("import torch")
+from resshift_cli import cli, hub, registry, restore
+from resshift_cli.pipelines import loading, restorer
+mark("import resshift_cli")
 
-def mark(cls, name, label, stop):
-    original = getattr(cls, name)
-    def wrapped(self, *args, **kwargs):
-        marks.setdefault(label, time.time() - launched)
-        if stop:
-            print(marks["encode"], marks["unet"], flush=True)
-            os._exit(0)
-        return original(self, *args, **kwargs)
-    setattr(cls, name, wrapped)
+def after(module, name, label):
+    original = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        out = original(*args, **kwargs)
+        mark(label)
+        return out
+    setattr(module, name, wrapped)
 
-mark(autoencoder.VQAutoencoder, "encode", "encode", False)
-mark(unet.UNet, "forward", "unet", True)
-from resshift_cli.cli import main
-main(sys.argv[1:])
+def before(module, name, label):
+    original = getattr(module, name)
+    def wrapped(*args, **kwargs):
+        mark(label)
+        return original(*args, **kwargs)
+    setattr(module, name, wrapped)
+
+after(registry, "load_registry", "registry read")
+after(hub, "resolve_model", "weights resolved")
+before(loading, "load_into", "networks built")
+after(restorer.Restorer, "__post_init__", "model on the device")
+calls = []
+original_call = restore._Processor.__call__
+def call(self, jobs):
+    out = original_call(self, jobs)
+    calls.append(1)
+    mark("image 1 done" if len(calls) == 1 else "image 2 done")
+    return out
+restore._Processor.__call__ = call
+sys.argv = ["resshift", *sys.argv[1:]]
+cli.main()
 """
 
 
@@ -70,62 +95,60 @@ def write_weights(folder: Path) -> Path:
     return registry
 
 
-def launch(args: list[str], env: dict[str, str]) -> tuple[float, str]:
+def launch(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess[str]]:
     started = time.time()
-    env = dict(env, STARTUP_LAUNCHED=repr(started))
-    proc = subprocess.run(args, capture_output=True, text=True, env=env, check=False)
+    proc = subprocess.run(args, capture_output=True, text=True, env=dict(env, STARTUP_LAUNCHED=repr(started)))
+    seconds = time.time() - started
     if proc.returncode != 0:
-        raise SystemExit(f"launch failed ({proc.returncode}): {proc.stderr[-500:]}")
-    return time.time() - started, proc.stdout
+        raise SystemExit(f"launch failed ({proc.returncode}): {proc.stderr[-800:]}")
+    return seconds, proc
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--weights-dir", type=Path, default=Path(tempfile.gettempdir()) / "resshift-startup")
     parser.add_argument("--runs", type=int, default=5)
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
 
     registry = write_weights(args.weights_dir)
-    image = args.weights_dir / "input.png"
-    if not image.exists():
-        from PIL import Image
+    from PIL import Image
 
-        Image.new("RGB", (64, 64), (120, 90, 60)).save(image)
+    inputs = []
+    for name, colour in (("a.png", (120, 90, 60)), ("b.png", (60, 90, 120))):
+        inputs.append(args.weights_dir / name)
+        Image.new("RGB", (16, 16), colour).save(inputs[-1])
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     resshift = str(Path(sys.executable).parent / "resshift")
+    common = [*map(str, inputs), "-o", str(args.weights_dir / "out"), "--registry", str(registry)]
+    common += ["--overwrite", "--json", "--device", args.device]
 
-    helps = [launch([resshift, "--help"], env)[0] for _ in range(args.runs)]
-    sr_helps = [launch([resshift, "sr", "--help"], env)[0] for _ in range(args.runs)]
-    encode, first_step = [], []
+    torch_only, whole, images, marks = [], [], [], []
     for _ in range(args.runs):
-        out = args.weights_dir / "out.png"
-        _, stdout = launch(
-            [
-                sys.executable,
-                "-c",
-                _DRIVER,
-                "sr",
-                str(image),
-                "-o",
-                str(out),
-                "--registry",
-                str(registry),
-                "--overwrite",
-                "-q",
-            ],
-            env,
-        )
-        e, u = (float(v) for v in stdout.split())
-        encode.append(e)
-        first_step.append(u)
-    report = {
-        "resshift --help (s, wall, median)": statistics.median(helps),
-        "resshift sr --help (s, wall, median)": statistics.median(sr_helps),
-        "launch to first network call, the encoder (s, median)": statistics.median(encode),
-        "launch to first UNet step (s, median)": statistics.median(first_step),
-        "runs": args.runs,
-    }
-    print(json.dumps(report, indent=2))
+        torch_only.append(launch([sys.executable, "-c", "import torch"], env)[0])
+        seconds, proc = launch([resshift, "sr", *common, "-q"], env)
+        whole.append(seconds)
+        images.append([json.loads(line)["seconds"] for line in proc.stdout.splitlines()])
+        _, proc = launch([sys.executable, "-c", _DRIVER, "sr", *common, "-q"], env)
+        marks.append(json.loads(proc.stderr.strip().splitlines()[-1]))
+
+    first = statistics.median(i[0] for i in images)
+    second = statistics.median(i[1] for i in images)
+    overhead = statistics.median(w - t - sum(i) for w, t, i in zip(whole, torch_only, images, strict=True))
+    print(
+        f"device {args.device}; medians of {args.runs} launches; two 16x16 inputs, realsr-v3 weights on disk"
+    )
+    print(f"  whole process                     {statistics.median(whole):7.3f} s")
+    print(f"  python -c 'import torch'          {statistics.median(torch_only):7.3f} s")
+    print(
+        f"  the two images (--json seconds)   {first:7.3f} s, {second:7.3f} s "
+        f"(second/first {second / first:.2f})"
+    )
+    print(f"  beyond import torch and images    {overhead:7.3f} s")
+    print("  parts, seconds after launch (instrumented launches):")
+    for label in marks[0]:
+        values = [m[label] for m in marks if label in m]
+        print(f"    {label:28} {statistics.median(values):7.3f}")
 
 
 if __name__ == "__main__":

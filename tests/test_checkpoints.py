@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pickle
+import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from resshift_cli.checkpoints import (
+    SEAL_KEY,
     CheckpointError,
     compact_state_dict,
     load_into,
@@ -127,7 +134,7 @@ def test_many_missing_keys_are_counted_not_listed() -> None:
     ("name", "content", "match"),
     [
         ("missing.pth", None, "not found"),
-        ("empty.pth", b"", "refused or unreadable"),
+        ("empty.pth", b"", "not a readable PyTorch checkpoint"),
         ("junk.safetensors", b"\x00" * 40, "not a readable safetensors"),
         ("weights.onnx", b"x", "unknown checkpoint type"),
     ],
@@ -177,11 +184,173 @@ def test_compact_state_dict_narrows_for_storage_and_loads_back(tmp_path: Path) -
     }
     save_safetensors(stored, tmp_path / "w.safetensors")
     fresh = Net()
-    for buffer in ("small", "medium", "large"):
-        getattr(fresh, buffer).zero_()
     load_into(fresh, read_state_dict(tmp_path / "w.safetensors"))
     for key, value in net.state_dict().items():
         loaded = fresh.state_dict()[key]
         assert loaded.dtype == value.dtype, key
         expected = value.half().to(value.dtype) if value.is_floating_point() else value
         assert torch.equal(loaded, expected), key
+
+
+# Corrupt files are refused when read ---------------------------------------------------------------
+
+
+def _flip(path: Path, start: int, masks: bytes) -> None:
+    """XOR the bytes from ``start`` with ``masks`` (all non-zero): every byte in the range changes."""
+    data = bytearray(path.read_bytes())
+    for i, mask in enumerate(masks[: len(data) - start]):
+        data[start + i] ^= mask
+    path.write_bytes(bytes(data))
+
+
+def test_saved_files_are_sealed_with_their_own_sha256(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    digest = save_safetensors(_model().state_dict(), path)
+    with safe_open(str(path), "pt") as f:
+        assert f.metadata() == {SEAL_KEY: f"resshift-sha256:{digest}"}
+    data = path.read_bytes()
+    assert hashlib.sha256(data.replace(digest.encode(), b"0" * 64)).hexdigest() == digest
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(start=st.integers(0, 10**6), masks=st.lists(st.integers(1, 255), min_size=1, max_size=64).map(bytes))
+def test_any_change_to_a_sealed_file_is_refused(start: int, masks: bytes) -> None:
+    """Changing any byte range of a file :func:`save_safetensors` wrote (header, seal, tensor data)
+    makes reading it fail with one CheckpointError line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "w.safetensors"
+        save_safetensors(_model().state_dict(), path)
+        _flip(path, start % path.stat().st_size, masks)
+        with pytest.raises(CheckpointError) as exc:
+            read_state_dict(path)
+        assert "\n" not in str(exc.value) and str(path) in str(exc.value)
+
+
+def test_every_single_byte_of_a_sealed_file_is_covered(tmp_path: Path) -> None:
+    path = tmp_path / "w.safetensors"
+    save_safetensors(_model().state_dict(), path)
+    data = path.read_bytes()
+    for at in range(len(data)):
+        path.write_bytes(data[:at] + bytes([data[at] ^ 0x01]) + data[at + 1 :])
+        with pytest.raises(CheckpointError):
+            read_state_dict(path)
+
+
+def test_a_torch_zip_checkpoint_with_changed_tensor_bytes_is_refused(tmp_path: Path) -> None:
+    """torch's zip reader does not check the CRC-32 of its records; reading does."""
+    path = tmp_path / "w.pth"
+    weight = torch.full((64,), 0.5)
+    torch.save({"w": weight}, path)
+    data = path.read_bytes()
+    at = data.index(weight.numpy().tobytes())
+    path.write_bytes(data[:at] + b"\x00\x00\x80\x3e" + data[at + 4 :])  # 0.5 -> 0.25: finite, plausible
+    with pytest.raises(CheckpointError, match=r"corrupt: zip record .*data/0 fails its CRC-32 check$"):
+        read_state_dict(path)
+
+
+def test_a_zip_record_marked_as_a_folder_is_refused(tmp_path: Path) -> None:
+    """torch reads such a record as nothing (zeros), while the CRC of its bytes still checks out."""
+    path = tmp_path / "w.pth"
+    torch.save({"w": torch.arange(10)}, path)
+    data = bytearray(path.read_bytes())
+    entry = data.rindex(b"PK\x01\x02", 0, data.rindex(b"data/0") + 1)  # its central directory record
+    data[entry + 38] |= 0x10  # external attributes: MS-DOS directory
+    path.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=r"zip record .*data/0 is marked as a folder"):
+        read_state_dict(path)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_non_finite_weights_are_refused(tmp_path: Path, value: float, suffix: str) -> None:
+    sd = _model().state_dict()
+    sd["2.weight"][0, 1] = value
+    path = tmp_path / f"w{suffix}"
+    save_file(sd, str(path)) if suffix == ".safetensors" else torch.save(sd, path)
+    with pytest.raises(CheckpointError, match=r": 2\.weight holds NaN or infinite values, which no usable"):
+        read_state_dict(path)
+
+
+class _Windowed(torch.nn.Module):
+    """A module with a buffer computed from its hyper-parameters, as Swin's window indices are."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.table = torch.nn.Parameter(torch.randn(9, 2))
+        self.register_buffer("index", torch.arange(9).flip(0))
+
+    def forward(self) -> torch.Tensor:
+        return self.table[self.index]
+
+
+def test_buffers_must_equal_the_models_own() -> None:
+    sd = _Windowed().state_dict()
+    target = _Windowed()
+    load_into(target, sd, "windowed")  # the same values: fine
+    sd["index"] = sd["index"].clone()
+    sd["index"][3] = 10**12  # what a flipped byte in an int64 index does: out of range later
+    with pytest.raises(CheckpointError) as exc:
+        load_into(_Windowed(), sd, "windowed")
+    assert str(exc.value) == (
+        "corrupt checkpoint for windowed: buffer index differs from the value the model computes"
+    )
+
+
+def test_an_integer_tensor_for_a_float_one_is_refused() -> None:
+    """A dtype changed in a safetensors header (F32 -> I32, the same size) would otherwise be cast."""
+    sd = _model().state_dict()
+    sd["0.bias"] = sd["0.bias"].view(torch.int32)
+    expected = r"1 wrongly typed: 0\.bias \(checkpoint int32, model float32\)"
+    with pytest.raises(CheckpointError, match=expected):
+        load_into(_model(), sd, "model")
+
+
+class _Global:
+    pass
+
+
+def _numpy_checkpoint(path: Path) -> None:
+    import numpy as np
+
+    torch.save({"w": np.zeros(3)}, path)
+
+
+def _global_checkpoint(path: Path) -> None:
+    torch.save({"w": torch.zeros(3), "x": _Global()}, path)
+
+
+def _plain_pickle(path: Path) -> None:
+    with path.open("wb") as f:
+        pickle.dump({"w": 1}, f, protocol=4)
+
+
+def _garbage(path: Path) -> None:
+    path.write_bytes(b"hello world")
+
+
+@pytest.mark.parametrize(
+    ("make", "reason"),
+    [
+        (_numpy_checkpoint, "refused: it holds numpy"),
+        (_global_checkpoint, "refused: it holds test_checkpoints._Global, which is not a tensor"),
+        (_plain_pickle, "refused: not a file of tensors"),
+        (_garbage, "not a readable PyTorch checkpoint (KeyError: "),
+    ],
+    ids=["numpy", "global", "plain-pickle", "garbage"],
+)
+def test_pickle_refusals_are_one_clean_line(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], make, reason: str
+) -> None:
+    """No torch warnings, no terminal escapes, and never torch's advice to load with
+    weights_only=False."""
+    path = tmp_path / "w.pth"
+    make(path)
+    with warnings.catch_warnings(record=True) as shown:
+        warnings.simplefilter("always")
+        with pytest.raises(CheckpointError) as exc:
+            read_state_dict(path)
+    message = str(exc.value)
+    assert message.startswith(f"{path}: {reason}")
+    assert "\n" not in message and "\x1b" not in message
+    assert "weights_only=False" not in message and "succeed" not in message and "trust" not in message
+    assert shown == [] and capfd.readouterr() == ("", "")

@@ -13,20 +13,27 @@ import hashlib
 import itertools
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
-from hubserver import HubServer
+from click.testing import CliRunner
+from hubserver import COMMIT, HubServer
 from huggingface_hub import constants
+from reference import reference_path
 from safetensors.torch import load_file, save_file
+from tinymodels import write_registry
 
 from resshift_cli import hub
+from resshift_cli.cli import main
 from resshift_cli.hub import (
+    HUB_REPO_ENV,
     ChecksumError,
     DownloadError,
     WeightsError,
@@ -64,17 +71,21 @@ def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
-def make_registry(tmp_path: Path, url: str, model: str = "", autoencoder: str = "") -> Path:
+def make_registry(
+    tmp_path: Path, url: str, model: str = "", autoencoder: str = "", *, hub: bool = True
+) -> Path:
     """A registry file with model ``tiny`` (unet.safetensors) and autoencoder ``tiny-ae`` (ae.pth),
-    both on the hub repo and at upstream URLs; ``model``/``autoencoder`` add keys to the entries."""
+    both on the hub repo (unless not ``hub``: upstream URLs only, as the built-in entries are) and
+    at upstream URLs; ``model``/``autoencoder`` add keys to the entries."""
+    unet_hub = f'repo_id = "{REPO}"\nfilename = "unet.safetensors"' if hub else ""
+    ae_hub = f'repo_id = "{REPO}"\nfilename = "ae.pth"' if hub else ""
     text = f"""
 [models.tiny]
 task = "sr"
 scale = 4
 steps = 4
 autoencoder = "tiny-ae"
-repo_id = "{REPO}"
-filename = "unet.safetensors"
+{unet_hub}
 url = "{url}/releases/unet.safetensors"
 {model}
 
@@ -88,8 +99,7 @@ steps = 4
 [autoencoders.tiny-ae]
 embed_dim = 3
 n_embed = 8
-repo_id = "{REPO}"
-filename = "ae.pth"
+{ae_hub}
 url = "{url}/releases/ae.pth"
 {autoencoder}
 
@@ -157,8 +167,10 @@ def publish(server: HubServer, tmp_path: Path, hub: bool = True, url: bool = Tru
     return unet, ae
 
 
-def registry_for(tmp_path: Path, url: str, model: str = "", autoencoder: str = "") -> Registry:
-    return load_registry(make_registry(tmp_path, url, model, autoencoder), env={})
+def registry_for(
+    tmp_path: Path, url: str, model: str = "", autoencoder: str = "", *, hub: bool = True
+) -> Registry:
+    return load_registry(make_registry(tmp_path, url, model, autoencoder, hub=hub), env={})
 
 
 def resolve(registry: Registry, **kwargs: object) -> hub.ResolvedWeights:
@@ -231,6 +243,143 @@ def test_hub_download_then_offline_from_the_cache(
     set_endpoint(monkeypatch, "http://127.0.0.1:9")  # nothing listens there
     assert resolve(registry) == resolved
     assert server.requests == []
+
+
+def test_offline_set_after_import_is_obeyed(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Library use: HF_HUB_OFFLINE set after huggingface_hub read its constants still means no
+    network, though the hub and the URL both hold the files."""
+    publish(server, tmp_path)
+    registry = registry_for(tmp_path, server.url)
+    assert constants.HF_HUB_OFFLINE is False
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(WeightsNotCachedError, match=r"\(offline: HF_HUB_OFFLINE is set\)"):
+        resolve(registry)
+    assert server.requests == []
+
+
+def test_a_changed_hub_blob_is_refused_when_used(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    """A hub-cache file is named by its LFS sha256, a hash known without the registry: it is
+    checked on use, and a changed copy is deleted so that the next run downloads it again."""
+    unet, _ = publish(server, tmp_path, url=False)
+    registry = registry_for(tmp_path, server.url)
+    blob = resolve(registry).unet_path.resolve()
+    assert blob.name == sha256(unet)
+    blob.write_bytes(unet[:-1] + bytes([unet[-1] ^ 1]))
+    with pytest.raises(ChecksumError, match="deleted the cached copy"):
+        resolve(registry)
+    assert not blob.exists()
+    assert resolve(registry).unet_path.read_bytes() == unet
+
+
+MIRROR = "team/resshift-weights"
+
+
+def publish_mirror(
+    server: HubServer, tmp_path: Path, files: tuple[str, ...] = ("unet", "ae")
+) -> dict[str, bytes]:
+    """Put export-style copies of tiny and tiny-ae in MIRROR: safetensors under the upstream names."""
+    server.add_repo(MIRROR)
+    copies = {"unet": safetensors_bytes(tmp_path, 11), "ae": safetensors_bytes(tmp_path, 12)}
+    for name in files:
+        server.add_hub_file(MIRROR, f"{name}.safetensors", copies[name])
+    return copies
+
+
+def test_hub_repository_named_by_the_environment(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """RESSHIFT_HUB_REPO names a team's copy: tried before the upstream URL, kept in the hub's
+    cache, used offline; the registry's sha256 names the upstream file, not the copy."""
+    unet, _ = publish(server, tmp_path, hub=False)
+    copies = publish_mirror(server, tmp_path)
+    registry = registry_for(tmp_path, server.url, model=f'sha256 = "{sha256(unet)}"', hub=False)
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    snapshots = hf_home / "hub" / "models--team--resshift-weights" / "snapshots"
+    assert resolved.unet_path.is_relative_to(snapshots) and resolved.unet_path.name == "unet.safetensors"
+    assert resolved.unet_path.read_bytes() == copies["unet"]
+    assert resolved.autoencoder_path.read_bytes() == copies["ae"]  # type: ignore[union-attr]
+    assert not [r for r in server.requests if r.path.startswith("/releases/")]
+    assert cached_path("tiny", registry) == resolved.unet_path
+    assert verify("tiny", registry) == (True, f"tiny: sha256 ok, as the hub says ({resolved.unet_path})")
+
+    server.requests.clear()
+    go_offline(monkeypatch)
+    set_endpoint(monkeypatch, "http://127.0.0.1:9")
+    assert resolve(registry) == resolved and server.requests == []
+    monkeypatch.delenv(HUB_REPO_ENV)
+    with pytest.raises(WeightsNotCachedError):  # without the variable the copy is not the entry's
+        resolve(registry)
+
+
+def prefill_hub_cache(home: Path, repo_id: str, files: dict[str, bytes]) -> None:
+    """Lay ``files`` out in the Hugging Face cache as huggingface_hub does (blobs named by their
+    sha256, a snapshot of links, refs/main), as a cache copied from another machine would be."""
+    repo = home / "hub" / f"models--{repo_id.replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "blobs").mkdir()
+    (repo / "snapshots" / COMMIT).mkdir(parents=True)
+    for name, content in files.items():
+        (repo / "blobs" / sha256(content)).write_bytes(content)
+        (repo / "snapshots" / COMMIT / name).symlink_to(Path("../../blobs") / sha256(content))
+
+
+def test_hub_repository_from_a_prefilled_cache_offline(
+    tmp_path: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No server at all: the copies come from a cache filled elsewhere, and are checked against
+    the LFS sha256 they are stored under (a changed blob is refused and deleted)."""
+    copies = {
+        "unet.safetensors": safetensors_bytes(tmp_path, 11),
+        "ae.safetensors": safetensors_bytes(tmp_path, 12),
+    }
+    prefill_hub_cache(hf_home, MIRROR, copies)
+    registry = registry_for(tmp_path, "http://127.0.0.1:9", hub=False)  # nothing listens there
+    go_offline(monkeypatch)
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    assert resolved.unet_path.read_bytes() == copies["unet.safetensors"]
+    assert resolved.autoencoder_path.read_bytes() == copies["ae.safetensors"]  # type: ignore[union-attr]
+
+    blob = resolved.unet_path.resolve()
+    blob.write_bytes(safetensors_bytes(tmp_path, 13))
+    with pytest.raises(ChecksumError, match="deleted the cached copy"):
+        resolve(registry)
+    assert not blob.exists()
+    with pytest.raises(WeightsNotCachedError, match="offline"):
+        resolve(registry)
+
+
+def test_hub_repository_lacking_a_file_falls_back_to_the_url(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path, hub=False)
+    copies = publish_mirror(server, tmp_path, files=("unet",))
+    registry = registry_for(tmp_path, server.url, hub=False)
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    assert resolved.unet_path.read_bytes() == copies["unet"]
+    assert_tensors(resolved.autoencoder_path, 2)  # type: ignore[arg-type]
+    assert [r.path for r in server.requests if r.path.startswith("/releases/")] == ["/releases/ae.pth"]
+
+
+def test_hub_repository_revision_and_bad_names(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path, hub=False)
+    publish_mirror(server, tmp_path)
+    registry = registry_for(tmp_path, server.url, hub=False)
+    monkeypatch.setenv(HUB_REPO_ENV, f"{MIRROR}@{COMMIT}")
+    resolve(registry)
+    assert f"/{MIRROR}/resolve/{COMMIT}/unet.safetensors" in {r.path for r in server.requests}
+    for bad in ("no-owner", f"{MIRROR}@", "a/b/c"):
+        monkeypatch.setenv(HUB_REPO_ENV, bad)
+        with pytest.raises(WeightsError) as exc:
+            fetch("tiny", registry, quiet=True)
+        assert str(exc.value) == f"{HUB_REPO_ENV}={bad!r}: expected OWNER/NAME or OWNER/NAME@REVISION"
 
 
 def test_url_fallback_with_progress_and_sha256(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
@@ -367,7 +516,7 @@ def test_offline_and_not_cached_is_one_line(
     with pytest.raises(WeightsNotCachedError) as exc:
         resolve(registry)
     assert str(exc.value) == (
-        "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
+        "model 'tiny' is not in the cache and cannot be downloaded (offline: HF_HUB_OFFLINE is set); "
         "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
         "or use the bundled model that needs no download: --model lite"
     )
@@ -392,7 +541,7 @@ def test_unreachable_network_is_one_line(
         fetch("tiny", registry, quiet=True)
     message = str(exc.value)
     assert "\n" not in message
-    assert message.startswith("model 'tiny' is not in the cache and the hub is unreachable (hub: ")
+    assert message.startswith("model 'tiny' is not in the cache and cannot be downloaded (hub: ")
     assert message.endswith(
         "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
         "or use the bundled model that needs no download: --model lite"
@@ -506,13 +655,70 @@ def test_verify_checks_hub_files_against_their_lfs_hash(
     assert not blob.exists() and not path.is_symlink() and cached_path("tiny", registry) is None
 
 
-def test_hashes_are_remembered(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+def test_hashes_are_remembered_until_the_file_changes_in_place(
+    tmp_path: Path, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memo answers while the file is unchanged; bytes changed in place with the mtime set back
+    by os.utime (same inode, size and mtime) are hashed again, since the memo is keyed by ctime too."""
+    monkeypatch.setattr(hub, "_RACY_NS", 50_000_000)  # trust a file 50 ms after its change, not 2 s
     data = safetensors_bytes(tmp_path, 1)
     path = tmp_path / "f.safetensors"
     path.write_bytes(data)
+    time.sleep(0.1)
     assert hub._sha256_file(path) == sha256(data)
-    memo = json.loads(hub._memo_path(path).read_text())
-    assert memo["sha256"] == sha256(data) and memo["size"] == len(data)
+    memo = hub._memo_path(path)
+    saved = json.loads(memo.read_text())
+    saved["facts"]["sha256"] = "f" * 64  # prove that the memo, not the file, answers next
+    memo.write_text(json.dumps(saved))
+    assert hub._sha256_file(path) == "f" * 64
+
+    before = path.stat()
+    changed = data[:-1] + bytes([data[-1] ^ 1])
+    with open(path, "r+b") as f:
+        f.write(changed)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    same = (after.st_ino, after.st_size, after.st_mtime_ns)
+    assert same == (before.st_ino, before.st_size, before.st_mtime_ns)
+    assert hub._sha256_file(path) == sha256(changed)
+
+
+def test_a_file_changed_just_now_is_not_remembered(tmp_path: Path, hf_home: Path) -> None:
+    """File times tick coarsely: a change within the same tick as the hashing would leave the key
+    as it was, so a file whose ctime is that recent is hashed again next time."""
+    path = tmp_path / "f.safetensors"
+    path.write_bytes(safetensors_bytes(tmp_path, 1))
+    hub._sha256_file(path)
+    assert not hub._memo_path(path).exists()
+
+
+def test_registry_path_changed_in_place_is_refused(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registry ``path`` with a ``sha256`` (the bundled lite is one) is checked on every run
+    through the memo: its file changed in place with the mtime set back is refused."""
+    monkeypatch.setattr(hub, "_RACY_NS", 50_000_000)
+    unet, ae = safetensors_bytes(tmp_path, 1), safetensors_bytes(tmp_path, 2)
+    (tmp_path / "unet.safetensors").write_bytes(unet)
+    (tmp_path / "ae.safetensors").write_bytes(ae)
+    registry = registry_for(
+        tmp_path,
+        server.url,
+        model=f'path = "unet.safetensors"\nsha256 = "{sha256(unet)}"',
+        autoencoder='path = "ae.safetensors"',
+    )
+    time.sleep(0.1)
+    assert resolve(registry).unet_path == tmp_path / "unet.safetensors"
+    assert resolve(registry).unet_path == tmp_path / "unet.safetensors"  # from the memo now
+    path = tmp_path / "unet.safetensors"
+    before = path.stat()
+    with open(path, "r+b") as f:
+        f.seek(len(unet) - 1)
+        f.write(bytes([unet[-1] ^ 1]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    with pytest.raises(ChecksumError) as exc:
+        resolve(registry)
+    assert str(exc.value).endswith(f"expected {sha256(unet)}; refusing to use it") and path.exists()
 
 
 SCRIPT = """
@@ -567,8 +773,133 @@ def test_subprocess_reads_the_environment(tmp_path: Path, server: HubServer) -> 
     empty = run_script({**env, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-home")})
     assert empty.returncode == 3
     assert empty.stdout == (
-        "model 'tiny' is not in the cache and the hub is unreachable (offline: HF_HUB_OFFLINE is set); "
+        "model 'tiny' is not in the cache and cannot be downloaded (offline: HF_HUB_OFFLINE is set); "
         "run 'resshift weights fetch tiny' with network access, or pass --checkpoint PATH, "
         "or use the bundled model that needs no download: --model lite\n"
     )
     assert server.requests == []
+
+
+# Exporting the folder of a team's own hub repository ----------------------------------------------
+
+S_LAB = 'license = "S-Lab License 1.0 (non-commercial use only)"'
+
+
+def sha256sums(directory: Path) -> dict[str, str]:
+    lines = (directory / "SHA256SUMS").read_text().splitlines()
+    return {name: digest for digest, name in (line.split("  ") for line in lines)}
+
+
+def test_export_then_use_as_the_hub_repository(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The round trip a team makes: export (downloading from the upstream URLs), upload the folder
+    as a hub repository, name it in RESSHIFT_HUB_REPO; a fresh cache then gets the same tensors
+    from it, each file matching the digest SHA256SUMS gives for it."""
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=S_LAB, hub=False)
+    out = tmp_path / "export"
+    files = hub.export(out, ["tiny"], registry, quiet=True)
+    assert [(f.entry, f.filename) for f in files] == [
+        ("tiny", "unet.safetensors"),
+        ("tiny-ae", "ae.safetensors"),
+    ]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "README.md",
+        "SHA256SUMS",
+        "ae.safetensors",
+        "unet.safetensors",
+    ]
+    sums = sha256sums(out)
+    assert sums == {f.filename: sha256((out / f.filename).read_bytes()) for f in files}
+    assert_tensors(out / "unet.safetensors", 1)
+    assert_tensors(out / "ae.safetensors", 2)  # the pickle's tensors, unwrapped
+
+    server.add_repo(MIRROR)
+    for name in sums:
+        server.add_hub_file(MIRROR, name, (out / name).read_bytes())
+    shutil.rmtree(hf_home / "resshift")  # no URL download and no conversion left in the cache
+    server.requests.clear()
+    monkeypatch.setenv(HUB_REPO_ENV, MIRROR)
+    resolved = resolve(registry)
+    assert resolved.unet_path.resolve().name == sums["unet.safetensors"]
+    assert resolved.autoencoder_path.resolve().name == sums["ae.safetensors"]  # type: ignore[union-attr]
+    assert_tensors(resolved.autoencoder_path, 2)  # type: ignore[arg-type]
+    assert not [r for r in server.requests if r.path.startswith("/releases/")]
+
+
+def test_export_model_card(tmp_path: Path, server: HubServer, hf_home: Path) -> None:
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, model=S_LAB, autoencoder=S_LAB, hub=False)
+    out = tmp_path / "export"
+    hub.export(out, ["tiny"], registry, quiet=True)
+    card = (out / "README.md").read_text()
+    front = card.split("---\n")[1]
+    assert "license: other\nlicense_name: s-lab-license-1.0\n" in front
+    assert "**non-commercial use only**" in card
+    sums = sha256sums(out)
+    for name, digest in sums.items():
+        assert f"| {name} | " in card and f"`{digest}`" in card
+    assert "export RESSHIFT_HUB_REPO=OWNER/NAME" in card and "resshift weights fetch tiny" in card
+    pinned = ["[models.tiny]", 'repo_id = "OWNER/NAME"', 'filename = "unet.safetensors"']
+    assert "\n".join([*pinned, f'sha256 = "{sums["unet.safetensors"]}"']) in card
+    assert "@inproceedings{yue2023resshift," in card
+
+    # One file with no licence in the registry: the card says so instead of claiming one.
+    registry = registry_for(tmp_path, server.url, model=S_LAB, hub=False)
+    hub.export(out, ["tiny"], registry, quiet=True)
+    card = (out / "README.md").read_text()
+    assert "license_name: per-file" in card and "| not stated in the registry |" in card
+
+
+def test_export_writes_nothing_when_a_file_cannot_be_had(
+    tmp_path: Path, server: HubServer, hf_home: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(server, tmp_path, hub=False)
+    registry = registry_for(tmp_path, server.url, hub=False)
+    fetch("tiny", registry, quiet=True)
+    server.files.pop("/releases/ae.pth")
+    shutil.rmtree(
+        hf_home / "resshift" / "downloads" / hub._download_path(f"{server.url}/releases/ae.pth").parent.name
+    )
+    shutil.rmtree(hf_home / "resshift" / "converted")
+    with pytest.raises(DownloadError, match=r"^autoencoder 'tiny-ae' could not be downloaded"):
+        hub.export(tmp_path / "export", ["tiny"], registry, quiet=True)
+    assert not (tmp_path / "export").exists()
+
+
+def test_export_refuses_two_entries_under_one_file_name(
+    tmp_path: Path, server: HubServer, hf_home: Path
+) -> None:
+    base = make_registry(tmp_path, server.url, hub=False)
+    override = tmp_path / "override.toml"
+    override.write_text(f'[autoencoders.tiny-ae]\nurl = "{server.url}/elsewhere/unet.pth"\n')
+    registry = load_registry(override, env={"RESSHIFT_REGISTRY": str(base)})
+    with pytest.raises(WeightsError) as exc:
+        hub.export(tmp_path / "export", ["tiny"], registry, quiet=True)
+    assert str(exc.value) == (
+        "'tiny' and 'tiny-ae' would both be written as unet.safetensors; export them one at a time"
+    )
+    assert not (tmp_path / "export").exists() and server.requests == []
+
+
+def test_weights_export_command_with_the_tiny_models(tmp_path: Path, hf_home: Path) -> None:
+    """Offline, with the tiny random-weight models of ../shared (registry ``path`` entries)."""
+    registry = write_registry(tmp_path)
+    out = tmp_path / "export"
+    result = CliRunner().invoke(main, ["weights", "export", str(out), "tiny-sr", "--registry", str(registry)])
+    assert result.exit_code == 0, result.output
+    sums = sha256sums(out)
+    assert result.output.splitlines() == [
+        f"tiny-sr.safetensors  sha256 {sums['tiny-sr.safetensors']}  (tiny-sr)",
+        f"tiny-sr-vq.safetensors  sha256 {sums['tiny-sr-vq.safetensors']}  (tiny-sr-vq)",
+        f"wrote 2 weights files, SHA256SUMS and README.md to {out}",
+    ]
+    for name, original in (("tiny-sr", "unet"), ("tiny-sr-vq", "autoencoder")):
+        exported = load_file(str(out / f"{name}.safetensors"))
+        reference = load_file(str(reference_path("parity", "sr-tiny", f"{original}.safetensors")))
+        assert exported.keys() == reference.keys()
+        assert all(torch.equal(exported[k], reference[k]) for k in reference)
+
+    missing = CliRunner().invoke(main, ["weights", "export", str(out), "nope", "--registry", str(registry)])
+    assert missing.exit_code == 3 and missing.output.startswith("error: unknown weights 'nope'; known: ")

@@ -15,8 +15,8 @@ from resshift_cli.registry import BUNDLED_SR_MODEL, ENV_VAR, RegistryError, load
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = Path(os.environ.get("RESSHIFT_REFERENCE", "/work/shared/reference")) / "manifests"
-REPO_ID = "resshift-cli/resshift-weights"
 RELEASE = "https://github.com/zsyOAOA/ResShift/releases/download/v2.0/"
+S_LAB = "S-Lab License 1.0 (non-commercial use only)"
 
 # name: (manifest, task, scale, steps, autoencoder, upstream file name)
 MODELS = {
@@ -87,26 +87,29 @@ def write(path: Path, text: str) -> Path:
 
 
 def test_all_published_entries_are_present() -> None:
+    """Each upstream entry names the authors' release file, the only place they publish it, and
+    no hub repository (none official exists: RESSHIFT_HUB_REPO names a team's own copy)."""
     registry = load_registry(env={})
-    assert sorted(registry.models) == sorted([*MODELS, BUNDLED_SR_MODEL])  # lite is ours, not upstream's
+    # lite is ours, not upstream's; SinSR's entries are checked in test_sinsr.py
+    assert sorted(registry.models) == sorted([*MODELS, BUNDLED_SR_MODEL, "sinsr", "sinsr-v2"])
     assert sorted(registry.autoencoders) == sorted(AUTOENCODERS)
     for name, (_, task, scale, steps, autoencoder, filename) in MODELS.items():
         spec = registry.model(name)
         assert (spec.task, spec.scale, spec.steps, spec.autoencoder) == (task, scale, steps, autoencoder)
-        assert spec.description
+        assert spec.description and spec.license == S_LAB
         source = spec.source
-        assert (source.name, source.repo_id, source.filename, source.revision) == (
-            name,
-            REPO_ID,
-            filename,
-            "main",
-        )
+        assert (source.name, source.repo_id, source.filename) == (name, None, None)
         assert source.url == RELEASE + filename
         assert source.sha256 is None and source.path is None
     for name, (_, filename) in AUTOENCODERS.items():
-        source = registry.autoencoder(name).source
-        assert (source.repo_id, source.filename, source.revision) == (REPO_ID, filename, "main")
-        assert source.url == RELEASE + filename
+        ae = registry.autoencoder(name)
+        assert (ae.source.repo_id, ae.source.filename) == (None, None) and ae.license == S_LAB
+        assert ae.source.url == RELEASE + filename
+
+
+def test_no_builtin_entry_names_a_hub_repository() -> None:
+    text = (ROOT / "weights.toml").read_text()
+    assert "repo_id =" not in text.split("[defaults]", 1)[1]
 
 
 def test_defaults() -> None:
@@ -182,7 +185,7 @@ kappa = 1.5
     assert spec.description == "mine"
     assert spec.source.path == tmp_path / "conf" / "weights" / "v3.pth"
     assert spec.source.sha256 == "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
-    assert spec.source.url == builtin.source.url and spec.source.repo_id == builtin.source.repo_id
+    assert spec.source.url == builtin.source.url and spec.license == builtin.license == S_LAB
     assert spec.diffusion == {**builtin.diffusion, "kappa": 1.5}
     assert spec.unet == builtin.unet
 
@@ -267,12 +270,13 @@ VALIDATION_CASES = {
     "unknown key": (
         "[models.realsr-v3]\nstep = 4\n",
         "models.realsr-v3.step: unknown key; expected one of description, task, scale, steps, "
-        "sample_steps, autoencoder, unet, diffusion, repo_id, filename, revision, url, sha256, path",
+        "sample_steps, autoencoder, license, unet, diffusion, repo_id, filename, revision, url, sha256, "
+        "path",
     ),
     "unknown autoencoder key": (
         "[autoencoders.vq-f4]\nembed = 3\n",
         "autoencoders.vq-f4.embed: unknown key; expected one of description, embed_dim, n_embed, "
-        "ddconfig, repo_id, filename, revision, url, sha256, path",
+        "ddconfig, license, repo_id, filename, revision, url, sha256, path",
     ),
     "missing autoencoder": (
         NEW_MODEL.replace('autoencoder = "vq-f4"', 'autoencoder = "vq-f16"'),

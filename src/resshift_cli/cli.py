@@ -294,7 +294,7 @@ def face(inputs: tuple[Path, ...], batch_dir: Path | None, **kw: Any) -> None:
 
 @main.group(context_settings=CONTEXT)
 def weights() -> None:
-    """List, download, verify and convert model weights."""
+    """List, download, verify, convert and export model weights."""
 
 
 @weights.command("list", context_settings=CONTEXT)
@@ -316,8 +316,9 @@ def weights_list(registry: Path | None) -> None:
 
     for spec in reg.models.values():
         default = f" [default for {defaults[spec.name]}]" if spec.name in defaults else ""
+        steps = f"{spec.network_calls:2d} {'steps' if spec.network_calls > 1 else 'step '}"
         click.echo(
-            f"{spec.name:18} {spec.task:8} x{spec.scale} {spec.steps:2d} steps  "
+            f"{spec.name:18} {spec.task:8} x{spec.scale} {steps}  "
             f"{status(spec):14} {spec.description}{default}"
         )
     for ae in reg.autoencoders.values():
@@ -389,6 +390,29 @@ def weights_convert(src: Path, dst: Path) -> None:
     from resshift_cli.hub import convert
 
     click.echo(str(convert(src, dst)))
+
+
+@weights.command("export", context_settings=CONTEXT)
+@click.argument("directory", type=click.Path(path_type=Path, file_okay=False))
+@click.argument("names", nargs=-1)
+@_registry_option
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars, no list of files.")
+@_handled("an unfinished download resumes on the next run")
+def weights_export(directory: Path, names: tuple[str, ...], registry: Path | None, quiet: bool) -> None:
+    """Write the folder of a Hub repository of your own into DIRECTORY.
+
+    It holds the weights of NAMES (default: all; a model brings its autoencoder) as safetensors,
+    SHA256SUMS and a model card (README.md). Upload it, then set RESSHIFT_HUB_REPO=OWNER/NAME to
+    download from it (docs/weights.md).
+    """
+    from resshift_cli.hub import export
+    from resshift_cli.registry import load_registry
+
+    files = export(directory, names, load_registry(registry), quiet=quiet)
+    if not quiet:
+        for file in files:
+            click.echo(f"{file.filename}  sha256 {file.sha256}  ({file.entry})")
+        click.echo(f"wrote {len(files)} weights files, SHA256SUMS and README.md to {directory}")
 
 
 @main.command(context_settings=CONTEXT)

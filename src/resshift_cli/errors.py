@@ -33,3 +33,10 @@ class ModelError(ResShiftError):
     """The model cannot be used: weights missing or corrupt, registry invalid, device unavailable."""
 
     exit_code = 3
+
+
+def first_line(exc: object) -> str:
+    """The first line of an error's message, or its type's name when it has none: what a one-line
+    message quotes of an exception from a library."""
+    lines = str(exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__

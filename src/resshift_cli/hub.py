@@ -7,13 +7,18 @@ so it works with ``HF_HUB_OFFLINE=1``), a hub download with ``huggingface_hub.hf
 ``HF_HUB_DISABLE_PROGRESS_BARS`` itself), then the entry's upstream ``url``. A pickle checkpoint
 is converted once into safetensors, so later runs memory-map it and never unpickle anything.
 
+The hub file of an entry is its own ``repo_id``/``filename``, or else, for an entry with a ``url``,
+``hub_filename(entry)`` in the repository named by ``RESSHIFT_HUB_REPO``: a copy a team made with
+:func:`export` and uploaded. A file is checked against the sha256 known for it: the registry's
+(which names the files of the entry's own sources, not such a copy) or the hub's LFS hash.
+
 Cache layout, under ``HF_HOME`` (read from ``huggingface_hub.constants`` at call time)::
 
     hub/models--OWNER--REPO/...                    huggingface_hub's own cache (HF_HUB_CACHE)
     resshift/downloads/<url-key>/<file>            upstream-URL downloads, <url-key> = sha256(url)[:16]
     resshift/downloads/<url-key>/<file>.part       an unfinished download; the next run resumes it
     resshift/converted/<name>-<sha16>.safetensors  a pickle converted once, <sha16> = sha256(file)[:16]
-    resshift/hashes/<path-key>.json                file sha256 remembered by path, size and mtime
+    resshift/hashes/<path-key>.json                facts about a file (sha256, ...), see file_fact
 
 A URL download is written to ``<file>.part`` and renamed only once its size (and sha256, when the
 registry knows it) is right, so a cut-off download never looks complete. The next run continues
@@ -28,9 +33,10 @@ import json
 import os
 import re
 import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,13 +44,15 @@ from typing import Any
 from huggingface_hub import constants
 
 from resshift_cli import __version__
-from resshift_cli.errors import ModelError
+from resshift_cli.atomic import write_atomically
+from resshift_cli.errors import ModelError, first_line
 from resshift_cli.registry import (
     BUNDLED_SR_MODEL,
+    DEFAULT_REVISION,
+    REPO_ID,
     AutoencoderSpec,
     ModelSpec,
     Registry,
-    WeightSource,
     load_registry,
 )
 
@@ -54,6 +62,8 @@ ProgressCallback = Callable[[str, int, int | None], None]
 _CHUNK = 1 << 20
 _TIMEOUT = 30
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_RACY_NS = 2_000_000_000
+"""A file changed less than this long ago may change again within the same tick of its ctime."""
 
 
 class WeightsError(ModelError):
@@ -70,6 +80,28 @@ class ChecksumError(WeightsError):
 
 class DownloadError(WeightsError):
     """A download failed for a reason other than the network being unreachable."""
+
+
+HUB_REPO_ENV = "RESSHIFT_HUB_REPO"
+"""``OWNER/NAME`` or ``OWNER/NAME@REVISION``: a hub repository holding the files :func:`export`
+writes, tried for every entry that has a ``url`` and no hub file of its own."""
+
+
+@dataclass(frozen=True)
+class _HubFile:
+    repo_id: str
+    filename: str
+    revision: str
+    mirror: bool
+    """Named by RESSHIFT_HUB_REPO rather than by the registry entry."""
+
+
+@dataclass(frozen=True)
+class _Found:
+    """A local file of an entry; ``mirror``: a copy from the RESSHIFT_HUB_REPO repository."""
+
+    path: Path
+    mirror: bool = False
 
 
 @dataclass(frozen=True)
@@ -132,11 +164,11 @@ def cached_path(name: str, registry: Registry | None = None) -> Path | None:
     """The file entry ``name`` resolves to without network (converted copy preferred), or None."""
     registry = load_registry() if registry is None else registry
     entry = registry.entry(name)
-    source = _find_local(entry.source)
-    if source is None:
+    found = _find_local(entry)
+    if found is None:
         return None
-    converted = _converted_path(source, entry.name)
-    return converted if converted is not None and converted.is_file() else source
+    converted = _converted_path(found.path, entry.name)
+    return converted if converted is not None and converted.is_file() else found.path
 
 
 def verify(name: str, registry: Registry | None = None) -> tuple[bool, str]:
@@ -149,14 +181,13 @@ def verify(name: str, registry: Registry | None = None) -> tuple[bool, str]:
     registry = load_registry() if registry is None else registry
     entry = registry.entry(name)
     source = entry.source
-    path = _find_local(source)
-    if path is None and source.path is not None:
+    found = _find_local(entry)
+    if found is None and source.path is not None:
         return False, f"{name}: file not found: {source.path} (its registry path)"
-    if path is None:
+    if found is None:
         return False, f"{name}: not downloaded; run 'resshift weights fetch {name}'"
-    expected, known_from = source.sha256, "the registry"
-    if expected is None and _is_hub_lfs_blob(path):
-        expected, known_from = path.resolve().name, "the hub"
+    path = found.path
+    expected, known_from = _expected_sha256(entry, found)
     if expected is not None:
         try:
             _check_sha256(path, entry, expected, fresh=True)
@@ -190,8 +221,190 @@ def convert(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Path:
     try:
         save_safetensors(state_dict, dst)
     except (OSError, RuntimeError, ValueError) as exc:
-        raise WeightsError(f"{dst}: cannot write safetensors ({_first_line(exc)})") from None
+        raise WeightsError(f"{dst}: cannot write safetensors ({first_line(exc)})") from None
     return dst
+
+
+@dataclass(frozen=True)
+class ExportedFile:
+    """One weights file written by :func:`export`."""
+
+    entry: str
+    filename: str
+    sha256: str
+    size: int
+    license: str
+
+
+def export(
+    directory: str | os.PathLike[str],
+    names: Sequence[str] = (),
+    registry: Registry | None = None,
+    *,
+    quiet: bool = False,
+    progress: ProgressCallback | None = None,
+) -> list[ExportedFile]:
+    """Write the folder a team uploads as its own hub repository (see RESSHIFT_HUB_REPO).
+
+    Each entry in ``names`` (default: every entry; a model brings its autoencoder) is resolved as a
+    run resolves it (downloaded if needed, checked, converted), then written as
+    :func:`hub_filename`: a sealed safetensors file with the same tensors. ``SHA256SUMS`` lists the
+    files' sha256, and ``README.md`` is a model card with the licence of each file from the registry.
+    """
+    from resshift_cli.checkpoints import CheckpointError, read_state_dict, save_safetensors
+
+    registry = load_registry() if registry is None else registry
+    entries = _export_entries(registry, names)
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise WeightsError(f"{directory}: not a folder")
+    taken: dict[str, str] = {}
+    for entry in entries:
+        filename = hub_filename(entry)
+        if filename in taken:
+            raise WeightsError(
+                f"{taken[filename]!r} and {entry.name!r} would both be written as {filename}; "
+                "export them one at a time"
+            )
+        taken[filename] = entry.name
+    # Everything is found (or downloaded) first, so that a missing file leaves no half-made folder.
+    sources = [_resolve(entry, quiet=quiet, progress=progress) for entry in entries]
+    written = []
+    for entry, source in zip(entries, sources, strict=True):
+        dst = directory / hub_filename(entry)
+        try:
+            save_safetensors(read_state_dict(source), dst)
+        except CheckpointError as exc:
+            raise WeightsError(str(exc)) from None
+        except OSError as exc:
+            raise WeightsError(f"cannot write {dst}: {exc.strerror or exc}") from None
+        size = dst.stat().st_size
+        written.append(ExportedFile(entry.name, dst.name, _sha256_file(dst), size, entry.license))
+    _write_text(directory / "SHA256SUMS", "".join(f"{f.sha256}  {f.filename}\n" for f in written))
+    _write_text(directory / "README.md", model_card(written, registry))
+    return written
+
+
+def _export_entries(registry: Registry, names: Sequence[str]) -> list[ModelSpec | AutoencoderSpec]:
+    """The entries named (all by default), each model followed by its autoencoder, each once."""
+    entries: dict[str, ModelSpec | AutoencoderSpec] = {}
+    for name in names or registry.names():
+        entry = registry.entry(name)
+        entries.setdefault(entry.name, entry)
+        if isinstance(entry, ModelSpec) and entry.autoencoder is not None:
+            entries.setdefault(entry.autoencoder, registry.autoencoder(entry.autoencoder))
+    return list(entries.values())
+
+
+S_LAB_LICENSE = "S-Lab License 1.0"
+"""The licence of ResShift's published weights (non-commercial use), as the registry names it."""
+
+_CITATION = """@inproceedings{yue2023resshift,
+  title={ResShift: Efficient Diffusion Model for Image Super-resolution by Residual Shifting},
+  author={Yue, Zongsheng and Wang, Jianyi and Loy, Chen Change},
+  booktitle={Advances in Neural Information Processing Systems (NeurIPS)},
+  volume={36},
+  year={2023}
+}"""
+
+
+def model_card(files: Sequence[ExportedFile], registry: Registry) -> str:
+    """The README.md of an exported repository: Hub metadata, use, files with sha256 and licence."""
+    s_lab = all(S_LAB_LICENSE in f.license for f in files)
+    front = ["---", "license: other"]
+    if s_lab:
+        front += ["license_name: s-lab-license-1.0", "license_link: https://github.com/zsyOAOA/ResShift"]
+    else:
+        front += ["license_name: per-file"]
+    front += [
+        "library_name: resshift-cli",
+        "pipeline_tag: image-to-image",
+        "tags:",
+        *(f"- {tag}" for tag in ("resshift", "image-restoration", "super-resolution", "diffusion")),
+        "---",
+    ]
+    rows = [
+        f"| {f.filename} | {f.entry} | {_description(registry, f.entry)} | {f.size:,} | `{f.sha256}` "
+        f"| {f.license or 'not stated in the registry'} |"
+        for f in files
+    ]
+    mirrored = next((f for f in files if registry.entry(f.entry).source.url is not None), None)
+    pinned = files[0]
+    table = "models" if pinned.entry in registry.models else "autoencoders"
+    licence = (
+        f"Every file here is under the {S_LAB_LICENSE} of ResShift's authors (NTU S-Lab): "
+        "**non-commercial use only**; read it in github.com/zsyOAOA/ResShift before any other use."
+        if s_lab
+        else "Each file is under the licence its row names; a file whose licence the registry does "
+        "not state is under whatever terms its source gave. The ResShift weights published by "
+        f"their authors are under the {S_LAB_LICENSE}: non-commercial use only."
+    )
+    body = [
+        "# ResShift weights for resshift-cli",
+        "",
+        f"Safetensors copies of image-restoration weights, written by `resshift weights export` "
+        f"(resshift-cli {__version__}). Each file holds the same tensors as the file the resshift-cli "
+        "registry names for it, and carries a sha256 of itself: resshift-cli refuses a copy whose "
+        "bytes changed.",
+        "",
+        "## Use",
+        "",
+        *(
+            [
+                "```bash",
+                "export RESSHIFT_HUB_REPO=OWNER/NAME   # this repository",
+                f"resshift weights fetch {mirrored.entry}",
+                "```",
+                "",
+                "resshift-cli then looks here first for every registry entry with an upstream URL, "
+                "under the upstream file name with the suffix `.safetensors`, through the Hugging Face "
+                "cache (`HF_HOME`, `HF_HUB_OFFLINE`, `HF_TOKEN` for a private repository), and falls "
+                "back to the URL for a file this repository lacks.",
+                "",
+            ]
+            if mirrored is not None
+            else []
+        ),
+        f"{'Or name' if mirrored is not None else 'Name'} a file in a registry file of your own "
+        "(`--registry FILE`, or `RESSHIFT_REGISTRY`), which pins its sha256 too:",
+        "",
+        "```toml",
+        f"[{table}.{pinned.entry}]",
+        'repo_id = "OWNER/NAME"',
+        f'filename = "{pinned.filename}"',
+        f'sha256 = "{pinned.sha256}"',
+        "```",
+        "",
+        "## Files",
+        "",
+        "| file | registry entry | what | bytes | sha256 | licence |",
+        "|---|---|---|---|---|---|",
+        *rows,
+        "",
+        "`SHA256SUMS` lists the same digests: `sha256sum -c SHA256SUMS`.",
+        "",
+        "## Licence",
+        "",
+        licence,
+        "",
+        "## Citation",
+        "",
+        "```bibtex",
+        _CITATION,
+        "```",
+    ]
+    return "\n".join([*front, "", *body]) + "\n"
+
+
+def _description(registry: Registry, name: str) -> str:
+    return registry.entry(name).description.replace("|", "/") or "-"
+
+
+def _write_text(path: Path, text: str) -> None:
+    try:
+        write_atomically(path, lambda temp: temp.write_text(text, encoding="utf-8"))
+    except OSError as exc:
+        raise WeightsError(f"cannot write {path}: {exc.strerror or exc}") from None
 
 
 def _local_file(path: str | os.PathLike[str], name: str, role: str) -> Path:
@@ -205,40 +418,79 @@ def _local_file(path: str | os.PathLike[str], name: str, role: str) -> Path:
 def _resolve(
     entry: ModelSpec | AutoencoderSpec, *, quiet: bool = False, progress: ProgressCallback | None = None
 ) -> Path:
-    """A registry entry as a local safetensors file: its path, a cached copy, or a download."""
+    """A registry entry as a local safetensors file: its path, a cached copy, or a download; checked
+    against its sha256 where one is known."""
     source = entry.source
-    if source.path is not None:
-        if not source.path.is_file():
-            raise WeightsError(
-                f"{_role(entry)} {entry.name!r}: file not found: {source.path} (its registry path)"
-            )
-        path = source.path
-    else:
-        path = _find_local(source) or _download(entry, quiet=quiet, progress=progress)
-    if source.sha256 is not None:
-        _check_sha256(path, entry, source.sha256)
-    return _as_safetensors(path, entry.name)
+    if source.path is not None and not source.path.is_file():
+        raise WeightsError(
+            f"{_role(entry)} {entry.name!r}: file not found: {source.path} (its registry path)"
+        )
+    found = _find_local(entry) or _download(entry, quiet=quiet, progress=progress)
+    expected, _ = _expected_sha256(entry, found)
+    if expected is not None:
+        _check_sha256(found.path, entry, expected)
+    return _as_safetensors(found.path, entry.name)
 
 
 def _role(entry: ModelSpec | AutoencoderSpec) -> str:
     return "model" if isinstance(entry, ModelSpec) else "autoencoder"
 
 
-def _find_local(source: WeightSource) -> Path | None:
-    """The entry's ``path``, or its copy in the hub cache or the download cache; no network."""
-    if source.path is not None:
-        return source.path if source.path.is_file() else None
+def hub_filename(entry: ModelSpec | AutoencoderSpec) -> str:
+    """The name of ``entry``'s file in a repository made by :func:`export`: the upstream file name
+    of its ``url`` (else of its hub ``filename``, else the entry's name) with the suffix
+    ``.safetensors``; RESSHIFT_HUB_REPO lookups use the same name."""
+    source = entry.source
+    if source.url is not None:
+        stem = Path(source.url.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1]).stem
+    elif source.filename is not None:
+        stem = Path(source.filename).stem
+    else:
+        stem = ""
+    return f"{stem or entry.name}.safetensors"
+
+
+def _hub_file(entry: ModelSpec | AutoencoderSpec) -> _HubFile | None:
+    """The entry's own hub file, else its copy in the RESSHIFT_HUB_REPO repository, else None."""
+    source = entry.source
     if source.repo_id is not None and source.filename is not None:
+        return _HubFile(source.repo_id, source.filename, source.revision, mirror=False)
+    named = os.environ.get(HUB_REPO_ENV, "").strip()
+    if not named or source.url is None:
+        return None
+    repo_id, at, revision = named.partition("@")
+    if not REPO_ID.fullmatch(repo_id) or (at and not revision):
+        raise WeightsError(f"{HUB_REPO_ENV}={named!r}: expected OWNER/NAME or OWNER/NAME@REVISION")
+    return _HubFile(repo_id, hub_filename(entry), revision or DEFAULT_REVISION, mirror=True)
+
+
+def _find_local(entry: ModelSpec | AutoencoderSpec) -> _Found | None:
+    """The entry's ``path``, or its copy in the hub cache or the download cache; no network."""
+    source = entry.source
+    if source.path is not None:
+        return _Found(source.path) if source.path.is_file() else None
+    hub_file = _hub_file(entry)
+    if hub_file is not None:
         from huggingface_hub import try_to_load_from_cache
 
-        hit = try_to_load_from_cache(source.repo_id, source.filename, revision=source.revision)
+        hit = try_to_load_from_cache(hub_file.repo_id, hub_file.filename, revision=hub_file.revision)
         if isinstance(hit, str):
-            return Path(hit)
+            return _Found(Path(hit), hub_file.mirror)
     if source.url is not None:
         path = _download_path(source.url)
         if path.is_file():
-            return path
+            return _Found(path)
     return None
+
+
+def _expected_sha256(entry: ModelSpec | AutoencoderSpec, found: _Found) -> tuple[str | None, str]:
+    """The sha256 the file must have and who says so: the registry for the files of the entry's own
+    sources, the hub for a hub-cache blob stored under its LFS hash; (None, "") when unknown."""
+    if entry.source.sha256 is not None and not found.mirror:
+        return entry.source.sha256, "the registry"
+    if _is_hub_lfs_blob(found.path):
+        return found.path.resolve().name, "the hub"
+    return None, ""
 
 
 def _offline() -> bool:
@@ -247,7 +499,9 @@ def _offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").upper() in constants.ENV_VARS_TRUE_VALUES
 
 
-def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: ProgressCallback | None) -> Path:
+def _download(
+    entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: ProgressCallback | None
+) -> _Found:
     """Fetch an entry that is not cached: the hub first, then the upstream URL."""
     role, name, source = _role(entry), entry.name, entry.source
     flag = "--checkpoint" if role == "model" else "--autoencoder"
@@ -255,16 +509,17 @@ def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: Prog
         raise WeightsNotCachedError(_not_cached_message(entry, flag, "offline: HF_HUB_OFFLINE is set"))
     failures: list[str] = []
     unreachable: list[str] = []
-    if source.repo_id is not None and source.filename is not None:
+    hub_file = _hub_file(entry)
+    if hub_file is not None:
         try:
-            return _hub_download(source, name, quiet=quiet, progress=progress)
+            return _Found(_hub_download(hub_file, name, quiet=quiet, progress=progress), hub_file.mirror)
         except _Unreachable as exc:
             unreachable.append(f"hub: {exc}")
         except DownloadError as exc:
-            failures.append(f"hub {source.repo_id}/{source.filename}: {exc}")
+            failures.append(f"hub {hub_file.repo_id}/{hub_file.filename}: {exc}")
     if source.url is not None:
         try:
-            return _url_download(entry, quiet=quiet, progress=progress)
+            return _Found(_url_download(entry, quiet=quiet, progress=progress))
         except _Unreachable as exc:
             unreachable.append(f"{source.url}: {exc}")
         except DownloadError as exc:
@@ -278,7 +533,7 @@ def _download(entry: ModelSpec | AutoencoderSpec, *, quiet: bool, progress: Prog
 
 def _not_cached_message(entry: ModelSpec | AutoencoderSpec, flag: str, why: str) -> str:
     message = (
-        f"{_role(entry)} {entry.name!r} is not in the cache and the hub is unreachable ({why}); "
+        f"{_role(entry)} {entry.name!r} is not in the cache and cannot be downloaded ({why}); "
         f"run 'resshift weights fetch {entry.name}' with network access, or pass {flag} PATH"
     )
     if isinstance(entry, ModelSpec) and entry.task == "sr":
@@ -299,40 +554,39 @@ def _is_network_error(exc: BaseException) -> bool:
     return any(cls.__name__ in ("TransportError", "ConnectionError", "Timeout") for cls in type(exc).__mro__)
 
 
-def _hub_download(source: WeightSource, name: str, *, quiet: bool, progress: ProgressCallback | None) -> Path:
+def _hub_download(hub_file: _HubFile, name: str, *, quiet: bool, progress: ProgressCallback | None) -> Path:
     """Download through huggingface_hub into its cache; a HEAD request first, so that an unreachable
     hub fails at once instead of after huggingface_hub's retries."""
     from huggingface_hub import get_hf_file_metadata, hf_hub_download, hf_hub_url
 
-    assert source.repo_id is not None and source.filename is not None
     try:
-        get_hf_file_metadata(hf_hub_url(source.repo_id, source.filename, revision=source.revision))
+        get_hf_file_metadata(hf_hub_url(hub_file.repo_id, hub_file.filename, revision=hub_file.revision))
         path = hf_hub_download(
-            source.repo_id,
-            source.filename,
-            revision=source.revision,
+            hub_file.repo_id,
+            hub_file.filename,
+            revision=hub_file.revision,
             library_name="resshift-cli",
             library_version=__version__,
             tqdm_class=_hub_progress_class(name, quiet, progress),
         )
     except Exception as exc:  # huggingface_hub raises many unrelated types; sorted out here
         if _is_network_error(exc):
-            raise _Unreachable(_first_line(exc)) from None
-        raise DownloadError(_hub_failure(exc, source)) from None
+            raise _Unreachable(first_line(exc)) from None
+        raise DownloadError(_hub_failure(exc, hub_file)) from None
     return Path(path)
 
 
-def _hub_failure(exc: Exception, source: WeightSource) -> str:
+def _hub_failure(exc: Exception, hub_file: _HubFile) -> str:
     from huggingface_hub.errors import EntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     if isinstance(exc, RepositoryNotFoundError):
         return "repository not found (or private: set HF_TOKEN)"
     if isinstance(exc, RevisionNotFoundError):
-        return f"revision {source.revision!r} not found"
+        return f"revision {hub_file.revision!r} not found"
     if isinstance(exc, EntryNotFoundError):
         return "file not found"
     status = getattr(getattr(exc, "response", None), "status_code", None)
-    return f"HTTP {status}" if status else _first_line(exc)
+    return f"HTTP {status}" if status else first_line(exc)
 
 
 def _hub_progress_class(name: str, quiet: bool, progress: ProgressCallback | None) -> Any:
@@ -389,8 +643,6 @@ def _url_download(
                     f"the registry says {source.sha256}; deleted it"
                 )
         os.replace(part, dest)
-        if source.sha256 is not None:
-            _remember_sha256(dest, source.sha256)
     return dest
 
 
@@ -411,7 +663,7 @@ def _http_get(url: str, part: Path, name: str, *, quiet: bool, progress: Progres
             return
         raise DownloadError(f"HTTP {exc.code} {exc.reason}") from None
     except (urllib.error.URLError, OSError) as exc:
-        raise _Unreachable(_first_line(getattr(exc, "reason", exc))) from None
+        raise _Unreachable(first_line(getattr(exc, "reason", exc))) from None
     with response:
         total = _total_size(response, offset)
         if offset and total is None:  # the server ignored the Range request
@@ -426,7 +678,7 @@ def _http_get(url: str, part: Path, name: str, *, quiet: bool, progress: Progres
                     out.write(chunk)
                     bar(len(chunk))
         except OSError as exc:  # reset connection, timeout, http.client.IncompleteRead
-            raise DownloadError(f"download cut off ({_first_line(exc)}); run again to resume") from None
+            raise DownloadError(f"download cut off ({first_line(exc)}); run again to resume") from None
     size = part.stat().st_size
     if total is not None and size != total:
         raise DownloadError(f"download cut off at {size} of {total} bytes; run again to resume")
@@ -512,39 +764,73 @@ def _memo_path(path: Path) -> Path:
     return cache_root() / "hashes" / f"{key}.json"
 
 
-def _stat_key(path: Path) -> dict[str, Any]:
+def _identity(path: Path) -> dict[str, Any]:
+    """What changes whenever the file's bytes can have changed: writing in place moves ``ctime``
+    (which ``os.utime`` cannot set back, unlike ``mtime``), and a file put in its place by a rename
+    has another inode."""
     st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    return {
+        "path": str(path.resolve()),
+        "device": st.st_dev,
+        "inode": st.st_ino,
+        "size": st.st_size,
+        "mtime_ns": st.st_mtime_ns,
+        "ctime_ns": st.st_ctime_ns,
+    }
+
+
+def file_fact(path: Path, fact: str, compute: Callable[[], str], *, fresh: bool = False) -> str:
+    """``compute()``, a fact about the bytes of ``path`` (its sha256, ...), remembered while the file
+    is unchanged, so that a big file is read once and not on every run.
+
+    The memo, under ``<cache>/hashes``, is keyed by the file's path, device, inode, size, mtime and
+    ctime; ``fresh`` computes again whatever is remembered. Nothing is remembered about a file that
+    changed while ``compute`` read it, or whose ctime is too recent to tell a later change apart (file
+    times tick coarsely): such a file is read again next time.
+    """
+    before = _identity(path)
+    if not fresh:
+        saved = _read_memo(path)
+        value = saved["facts"].get(fact) if saved.get("file") == before else None
+        if isinstance(value, str):
+            return value
+    value = compute()
+    if _identity(path) == before and time.time_ns() - before["ctime_ns"] > _RACY_NS:
+        _remember(path, before, fact, value)
+    return value
+
+
+def _read_memo(path: Path) -> dict[str, Any]:
+    try:
+        saved = json.loads(_memo_path(path).read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) and isinstance(saved.get("facts"), dict) else {}
+
+
+def _remember(path: Path, identity: dict[str, Any], fact: str, value: str) -> None:
+    saved = _read_memo(path)
+    facts = saved["facts"] if saved.get("file") == identity else {}
+    memo = _memo_path(path)
+    record = json.dumps({"file": identity, "facts": {**facts, fact: value}})
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(memo, lambda temp: temp.write_text(record), fsync=False)
+    except OSError:  # a read-only cache only costs reading the file again
+        pass
 
 
 def _sha256_file(path: Path, *, fresh: bool = False) -> str:
-    """The sha256 of a file, remembered by path, size and mtime so big files are hashed once."""
-    memo = _memo_path(path)
-    key = _stat_key(path)
-    if not fresh:
-        try:
-            saved = json.loads(memo.read_text())
-            if {k: saved.get(k) for k in key} == key and isinstance(saved.get("sha256"), str):
-                return saved["sha256"]
-        except (OSError, ValueError):
-            pass
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            digest.update(chunk)
-    _remember_sha256(path, digest.hexdigest())
-    return digest.hexdigest()
+    """The sha256 of a file, remembered (:func:`file_fact`) so a big file is hashed once."""
 
+    def digest() -> str:
+        hasher = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                hasher.update(chunk)
+        return hasher.hexdigest()
 
-def _remember_sha256(path: Path, sha256: str) -> None:
-    memo = _memo_path(path)
-    tmp = memo.with_name(f".{memo.name}.{os.getpid()}.tmp")
-    try:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({**_stat_key(path), "sha256": sha256}))
-        os.replace(tmp, memo)
-    except OSError:  # a read-only cache only costs hashing again
-        tmp.unlink(missing_ok=True)
+    return file_fact(path, "sha256", digest, fresh=fresh)
 
 
 def _converted_path(source: Path, name: str) -> Path | None:
@@ -573,6 +859,3 @@ def _count_tensors(path: Path) -> int:
         raise WeightsError(str(exc)) from None
 
 
-def _first_line(exc: object) -> str:
-    lines = str(exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__

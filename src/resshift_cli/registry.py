@@ -35,7 +35,7 @@ BUNDLED_SR_MODEL = "lite"
 """The small x4 SR model shipped inside the package (configs/lite.toml): works with no download."""
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
-_REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*")
 _SHA256 = re.compile(r"[0-9a-fA-F]{64}")
 
 Key = tuple[str, ...]
@@ -64,7 +64,8 @@ class WeightSource:
 
 @dataclass(frozen=True)
 class AutoencoderSpec:
-    """A VQ autoencoder: upstream's ``embed_dim``, ``n_embed`` and ``ddconfig``, and its weights."""
+    """A VQ autoencoder: upstream's ``embed_dim``, ``n_embed`` and ``ddconfig``, its weights and their
+    licence."""
 
     name: str
     embed_dim: int
@@ -72,11 +73,13 @@ class AutoencoderSpec:
     ddconfig: dict[str, Any]
     source: WeightSource
     description: str = ""
+    license: str = ""
 
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """A diffusion model: task, UNet and diffusion hyper-parameters (upstream names), weights.
+    """A diffusion model: task, UNet and diffusion hyper-parameters (upstream names), weights and
+    their licence.
 
     ``autoencoder`` names an :class:`AutoencoderSpec`, or is None for a pixel-space model.
     """
@@ -90,6 +93,7 @@ class ModelSpec:
     diffusion: dict[str, Any]
     autoencoder: str | None
     source: WeightSource
+    license: str = ""
     sample_steps: int | None = None
     """Network calls when sampling, where they differ from ``steps`` (the schedule it was trained
     with): 1 for a model distilled into one step. None: every step of the schedule."""
@@ -224,7 +228,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
 
 def _forget_stale_hashes(merged: dict[str, Any], new: Mapping[str, Any]) -> None:
     """Drop an entry's ``sha256`` when a later layer points it at other weights without giving
-    one: the hash belongs to the file, and the file changed (e.g. your own run named ``lite``)."""
+    one: the hash belongs to the file, and the file changed (e.g. your own run named ``lite``).
+    Its ``license`` stays: a local copy of published weights is under their licence still."""
     for section, entries in new.items():
         if not isinstance(entries, dict) or not isinstance(merged.get(section), dict):
             continue
@@ -274,11 +279,12 @@ _MODEL_KEYS = (
     "steps",
     "sample_steps",
     "autoencoder",
+    "license",
     "unet",
     "diffusion",
     *_SOURCE_KEYS,
 )
-_AUTOENCODER_KEYS = ("description", "embed_dim", "n_embed", "ddconfig", *_SOURCE_KEYS)
+_AUTOENCODER_KEYS = ("description", "embed_dim", "n_embed", "ddconfig", "license", *_SOURCE_KEYS)
 
 
 class _Validator:
@@ -342,6 +348,9 @@ class _Validator:
             raise self.fail(key, f"expected {what}, got {_show(value)}")
         return value
 
+    def optional_string(self, key: Key, raw: dict[str, Any], name: str) -> str:
+        return self.string((*key, name), raw[name]) if name in raw else ""
+
     def positive_int(self, key: Key, value: object) -> int:
         if not isinstance(value, int) or isinstance(value, bool):
             raise self.fail(key, f"expected an integer, got {_show(value)}")
@@ -352,7 +361,7 @@ class _Validator:
     def source(self, key: Key, name: str, raw: dict[str, Any]) -> WeightSource:
         get = {k: raw[k] for k in _SOURCE_KEYS if k in raw}
         repo_id = (
-            self.string((*key, "repo_id"), get["repo_id"], _REPO_ID, "'owner/name'")
+            self.string((*key, "repo_id"), get["repo_id"], REPO_ID, "'owner/name'")
             if "repo_id" in get
             else None
         )
@@ -395,6 +404,7 @@ class _Validator:
             description=self.string((*key, "description"), raw["description"])
             if "description" in raw
             else "",
+            license=self.optional_string(key, raw, "license"),
         )
 
     def model(self, name: str, raw: dict[str, Any], autoencoders: Mapping[str, AutoencoderSpec]) -> ModelSpec:
@@ -446,6 +456,7 @@ class _Validator:
             diffusion=diffusion,
             autoencoder=autoencoder,
             source=self.source(key, name, raw),
+            license=self.optional_string(key, raw, "license"),
         )
 
     def defaults(self, models: Mapping[str, ModelSpec]) -> dict[str, str]:

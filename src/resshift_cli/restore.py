@@ -18,7 +18,7 @@ from resshift_cli import interrupts
 from resshift_cli.atomic import remove_stale_temporaries
 from resshift_cli.batch import Interrupted, Job, Plan, Record, Summary, partition_existing
 from resshift_cli.distributed import World
-from resshift_cli.errors import EXIT_OK, InputError, ModelError
+from resshift_cli.errors import EXIT_OK, InputError, ModelError, first_line
 from resshift_cli.imagefiles import (
     DEFAULT_MAX_PIXELS,
     ImageError,
@@ -306,8 +306,7 @@ class _Processor:
         except torch.OutOfMemoryError:
             record.error = "out of memory; try a smaller --tile or --batch-size 1"
         except Exception as exc:  # a bug rather than a bad input: this image fails, the batch goes on
-            lines = str(exc).strip().splitlines() or [""]
-            record.error = f"internal error ({type(exc).__name__}: {lines[0]}); please report it"
+            record.error = f"internal error ({type(exc).__name__}: {first_line(exc)}); please report it"
         record.seconds = round(time.monotonic() - item.started, 3)
         return record
 

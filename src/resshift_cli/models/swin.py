@@ -7,6 +7,8 @@ attention on the partitioned map. Shifted-window masks are computed for the actu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -32,6 +34,11 @@ def window_reverse(windows: torch.Tensor, window: int, h: int, w: int) -> torch.
     b = windows.shape[0] // ((h // window) * (w // window))
     x = windows.view(b, h // window, w // window, window, window, c)
     return x.permute(0, 1, 3, 2, 4, 5).reshape(b, h, w, c)
+
+
+@functools.lru_cache(maxsize=64)
+def _shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
+    return shifted_window_mask(h, w, window, shift)
 
 
 def shifted_window_mask(h: int, w: int, window: int, shift: int) -> torch.Tensor:
@@ -170,7 +177,10 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = normalization(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
         if shift > 0:
-            self.register_buffer("attn_mask", shifted_window_mask(resolution, resolution, window, shift))
+            # The same mask serves every block of a size: computed once, each block its own copy.
+            self.register_buffer(
+                "attn_mask", _shifted_window_mask(resolution, resolution, window, shift).clone()
+            )
         else:
             self.attn_mask = None
         self._masks: dict[tuple[int, int, torch.device], torch.Tensor] = {}

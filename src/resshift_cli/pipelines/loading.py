@@ -11,6 +11,7 @@ from typing import TypeVar
 import torch
 
 from resshift_cli.checkpoints import load_into, read_state_dict
+from resshift_cli.errors import first_line
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
 from resshift_cli.pipelines.latent import LatentSpace
@@ -49,7 +50,7 @@ def load_restorer(
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = autocast_dtype(device, precision)
     files = resolve_model(spec, registry, checkpoint, autoencoder, quiet=quiet)
-    layout = Restorer.layout()
+    layout = Restorer.layout(device_type=device.type)
     unet = _built(UNet, registry, f"models.{spec.name}.unet", **spec.unet)
     load_into(
         unet, read_state_dict(files.unet_path, device), f"the UNet of {spec.name!r}", memory_format=layout
@@ -93,8 +94,7 @@ def _registry_parameters(registry: Registry, key: str) -> Iterator[None]:
     try:
         yield
     except (TypeError, ValueError, RuntimeError) as exc:
-        lines = str(exc).strip().splitlines() or [type(exc).__name__]
         raise RegistryError(
-            f"{key}: these parameters do not build the network ({lines[0]}); "
+            f"{key}: these parameters do not build the network ({first_line(exc)}); "
             f"check that entry in {', '.join(registry.files)}"
         ) from None

@@ -74,16 +74,18 @@ class Restorer:
     """Share of the device's free memory that the working memory of one forward pass may take."""
 
     @staticmethod
-    def layout(optimize: bool = True) -> torch.memory_format:
-        """The weights' memory format: channels_last lets oneDNN/cuDNN run the convolutions
-        without layout conversions."""
-        return torch.channels_last if optimize else torch.contiguous_format
+    def layout(optimize: bool = True, device_type: str = "cuda") -> torch.memory_format:
+        """The weights' memory format on a device type: channels_last where it lets cuDNN run the
+        convolutions in its NHWC kernels without layout conversions; the CPU runs no faster with it
+        (docs/PERFORMANCE.md), and laying the weights out costs start-up time."""
+        return torch.channels_last if optimize and device_type != "cpu" else torch.contiguous_format
 
     def __post_init__(self) -> None:
         self.fallback_device = None if self.device.type == "cpu" else torch.device("cpu")
-        layout = self.layout(self.optimize)
+        layout = self.layout(self.optimize, self.device.type)
         for model in self._models():
-            model.eval().requires_grad_(False).to(self.device, memory_format=layout)
+            model.eval().requires_grad_(False)
+            _place(model, self.device, layout)
             set_fast_paths(model, self.optimize)
 
     def _models(self) -> list[torch.nn.Module]:
@@ -584,6 +586,22 @@ class _Counter:
         self.done += 1
         if self.callback is not None:
             self.callback(self.done, max(self.total, self.done))
+
+
+def _place(model: torch.nn.Module, device: torch.device, layout: torch.memory_format) -> None:
+    """Move ``model`` to ``device`` in ``layout`` unless every tensor is there already: weights loaded
+    straight onto the device in the layout are not copied again (``Module.to`` would copy 1x1
+    kernels, whose strides fit either layout)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(_misplaced(t, device, layout) for t in tensors):
+        model.to(device, memory_format=layout)
+
+
+def _misplaced(tensor: torch.Tensor, device: torch.device, layout: torch.memory_format) -> bool:
+    elsewhere = device.index is not None and tensor.device.index != device.index
+    if tensor.device.type != device.type or elsewhere:
+        return True
+    return tensor.dim() == 4 and not tensor.is_contiguous(memory_format=layout)
 
 
 def _to_unit(image: torch.Tensor) -> torch.Tensor:
