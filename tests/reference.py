@@ -1,4 +1,9 @@
-"""Access to the upstream reference data in ../shared/reference (or RESSHIFT_REFERENCE)."""
+"""Access to ../shared beside the project: upstream's reference data (or RESSHIFT_REFERENCE), the
+test images, the training photos.
+
+A test that needs a missing part of it is skipped, saying what is missing; where the data must be
+there (CI sets RESSHIFT_REQUIRE_SHARED=1), it fails instead.
+"""
 
 from __future__ import annotations
 
@@ -16,11 +21,30 @@ MANIFESTS = ("realsr-v1", "realsr-v3", "realsr-x2", "bicsr", "inpaint-imagenet",
 PARITY_CASES = ("sr-tiny", "inpaint-tiny", "face-tiny")
 
 
+REQUIRED = os.environ.get("RESSHIFT_REQUIRE_SHARED") == "1"
+
+
+def missing(path: Path) -> None:
+    """Skip the test that needs ``path`` (fail it where ../shared is required)."""
+    message = f"needs {path} (../shared beside the project)"
+    if REQUIRED:
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def reference_path(*parts: str) -> Path:
-    """A path inside the reference data; the test fails (never skips) when it is missing."""
+    """A path inside the reference data."""
     path = REFERENCE.joinpath(*parts)
     if not path.exists():
-        pytest.fail(f"reference data missing: {path} (expected ../shared/reference beside the project)")
+        missing(path)
+    return path
+
+
+def shared_path(*parts: str) -> Path:
+    """A path inside ../shared (testdata, traindata, evaldata)."""
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        missing(path)
     return path
 
 

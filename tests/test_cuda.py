@@ -17,7 +17,7 @@ from tinymodels import tiny_restorer
 from resshift_cli.pipelines.options import RunOptions
 from resshift_cli.pipelines.restorer import Restorer
 
-pytestmark = pytest.mark.cuda
+pytestmark = [pytest.mark.cuda, pytest.mark.shared]
 
 CUDA = torch.device("cuda")
 

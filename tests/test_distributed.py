@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from launch import torchrun
 from PIL import Image
 from tinymodels import write_registry
 
 from resshift_cli.distributed import World
+
+pytestmark = pytest.mark.shared  # needs ../shared
 
 
 def test_shards_cover_every_item_exactly_once() -> None:
@@ -47,6 +50,7 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_ranks(tmp_path: Path) -> None:
     registry = write_registry(tmp_path)
     inputs = tmp_path / "in"

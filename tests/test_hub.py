@@ -9,7 +9,6 @@ set only the environment, the way the CLI runs.
 from __future__ import annotations
 
 import builtins
-import hashlib
 import itertools
 import json
 import os
@@ -18,16 +17,30 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
+from hubfiles import (
+    REPO,
+    assert_tensors,
+    go_offline,
+    make_registry,
+    pickle_bytes,
+    publish,
+    refuse_unpickling,
+    registry_for,
+    resolve,
+    safetensors_bytes,
+    set_endpoint,
+    sha256,
+    state_dict,
+)
 from hubserver import COMMIT, HubServer
 from huggingface_hub import constants
 from reference import reference_path
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tinymodels import write_registry
 
 from resshift_cli import hub
@@ -44,152 +57,7 @@ from resshift_cli.hub import (
     resolve_model,
     verify,
 )
-from resshift_cli.registry import Registry, load_registry
-
-REPO = "test-org/weights"
-
-
-def state_dict(seed: int) -> dict[str, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    return {"conv.weight": torch.randn(4, 3, 3, 3, generator=gen), "conv.bias": torch.randn(4, generator=gen)}
-
-
-def safetensors_bytes(tmp_path: Path, seed: int) -> bytes:
-    path = tmp_path / f"st-{seed}.safetensors"
-    save_file(state_dict(seed), str(path))
-    return path.read_bytes()
-
-
-def pickle_bytes(tmp_path: Path, seed: int) -> bytes:
-    """An upstream-style checkpoint: a ``state_dict`` wrapper and ``module.`` prefixes."""
-    path = tmp_path / f"pt-{seed}.pth"
-    torch.save({"state_dict": {f"module.{k}": v for k, v in state_dict(seed).items()}}, str(path))
-    return path.read_bytes()
-
-
-def sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def make_registry(
-    tmp_path: Path, url: str, model: str = "", autoencoder: str = "", *, hub: bool = True
-) -> Path:
-    """A registry file with model ``tiny`` (unet.safetensors) and autoencoder ``tiny-ae`` (ae.pth),
-    both on the hub repo (unless not ``hub``: upstream URLs only, as the built-in entries are) and
-    at upstream URLs; ``model``/``autoencoder`` add keys to the entries."""
-    unet_hub = f'repo_id = "{REPO}"\nfilename = "unet.safetensors"' if hub else ""
-    ae_hub = f'repo_id = "{REPO}"\nfilename = "ae.pth"' if hub else ""
-    text = f"""
-[models.tiny]
-task = "sr"
-scale = 4
-steps = 4
-autoencoder = "tiny-ae"
-{unet_hub}
-url = "{url}/releases/unet.safetensors"
-{model}
-
-[models.tiny.unet]
-model_channels = 4
-
-[models.tiny.diffusion]
-sf = 4
-steps = 4
-
-[autoencoders.tiny-ae]
-embed_dim = 3
-n_embed = 8
-{ae_hub}
-url = "{url}/releases/ae.pth"
-{autoencoder}
-
-[autoencoders.tiny-ae.ddconfig]
-z_channels = 3
-"""
-    path = tmp_path / "registry.toml"
-    path.write_text(text)
-    return path
-
-
-@pytest.fixture
-def server() -> Iterator[HubServer]:
-    with HubServer() as running:
-        yield running
-
-
-@pytest.fixture
-def hf_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, server: HubServer) -> Path:
-    """A fresh HF_HOME and the local server as HF_ENDPOINT, in the environment and in
-    huggingface_hub's import-time constants."""
-    home = tmp_path / "hf-home"
-    for var in (
-        "HF_HUB_CACHE",
-        "HUGGINGFACE_HUB_CACHE",
-        "HF_HUB_OFFLINE",
-        "TRANSFORMERS_OFFLINE",
-        "HF_TOKEN",
-    ):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
-    set_endpoint(monkeypatch, server.url)
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(home / "token"))
-    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(home / "stored_tokens"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    return home
-
-
-def set_endpoint(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
-    monkeypatch.setattr(constants, "ENDPOINT", url)
-    monkeypatch.setattr(
-        constants, "HUGGINGFACE_CO_URL_TEMPLATE", url + "/{repo_id}/resolve/{revision}/{filename}"
-    )
-
-
-def go_offline(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-
-
-def publish(server: HubServer, tmp_path: Path, hub: bool = True, url: bool = True) -> tuple[bytes, bytes]:
-    """Put tiny's unet (safetensors) and tiny-ae (pickle) on the hub repo and/or the release URLs."""
-    unet, ae = safetensors_bytes(tmp_path, 1), pickle_bytes(tmp_path, 2)
-    server.add_repo(REPO)
-    if hub:
-        server.add_hub_file(REPO, "unet.safetensors", unet)
-        server.add_hub_file(REPO, "ae.pth", ae)
-    if url:
-        server.add_file("/releases/unet.safetensors", unet)
-        server.add_file("/releases/ae.pth", ae)
-    return unet, ae
-
-
-def registry_for(
-    tmp_path: Path, url: str, model: str = "", autoencoder: str = "", *, hub: bool = True
-) -> Registry:
-    return load_registry(make_registry(tmp_path, url, model, autoencoder, hub=hub), env={})
-
-
-def resolve(registry: Registry, **kwargs: object) -> hub.ResolvedWeights:
-    return resolve_model(registry.model("tiny"), registry, quiet=True, **kwargs)  # type: ignore[arg-type]
-
-
-def assert_tensors(path: Path, seed: int) -> None:
-    loaded = load_file(str(path))
-    expected = state_dict(seed)
-    assert sorted(loaded) == sorted(expected)
-    for key, value in expected.items():
-        assert torch.equal(loaded[key], value)
-
-
-def refuse_unpickling(monkeypatch: pytest.MonkeyPatch) -> None:
-    def no_load(*args: object, **kwargs: object) -> None:
-        raise AssertionError("torch.load called: a pickle was read again")
-
-    monkeypatch.setattr(torch, "load", no_load)
+from resshift_cli.registry import load_registry
 
 
 def test_explicit_files_win_and_touch_no_network(tmp_path: Path, server: HubServer, hf_home: Path) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image, ImageCms, ImageFile
+from reference import shared_path
 
 from resshift_cli import atomic, imagefiles
 from resshift_cli.imagefiles import (
@@ -29,15 +30,11 @@ from resshift_cli.imagefiles import (
     save_image,
 )
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
 SRGB = ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
 
 
 def shared_file(*parts: str) -> Path:
-    path = TESTDATA.joinpath(*parts)
-    if not path.exists():
-        pytest.fail(f"test data missing: {path} (expected ../shared/testdata beside the project)")
-    return path
+    return shared_path("testdata", *parts)
 
 
 def noise(shape: tuple[int, ...], top: int = 255, seed: int = 0) -> np.ndarray:

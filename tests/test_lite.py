@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_cli import run_entry_point
+from cliutils import run_entry_point
 
 from resshift_cli.imagefiles import load_image, save_image
 from resshift_cli.metrics import psnr, ssim
@@ -20,6 +20,8 @@ from resshift_cli.pipelines.latent import LatentSpace
 from resshift_cli.registry import BUNDLED_SR_MODEL, load_registry, package_dir
 from resshift_cli.training.config import load_train_config
 from resshift_cli.training.degradations import realesrgan_degrade
+
+pytestmark = pytest.mark.shared  # needs ../shared
 
 PROJECT = Path(__file__).resolve().parents[1]
 # lite trains on traindata/bsds500 and holds Kodak out; the first images in name order, not chosen

@@ -6,6 +6,8 @@ from reference import MANIFESTS, manifest
 
 from resshift_cli import UNet, VQAutoencoder
 
+pytestmark = pytest.mark.shared  # needs ../shared
+
 
 def _layout(module: torch.nn.Module) -> dict[str, list[int]]:
     return {k: list(v.shape) for k, v in module.state_dict().items()}

@@ -11,6 +11,8 @@ from resshift_cli.checkpoints import load_into, read_state_dict
 from resshift_cli.models import swin
 from resshift_cli.models.swin import SwinTransformerBlock, shifted_window_mask
 
+pytestmark = pytest.mark.shared  # needs ../shared
+
 
 def _sr_unet() -> UNet:
     unet = UNet(**case("sr-tiny")["unet_params"]).eval()

@@ -15,6 +15,8 @@ from tinymodels import tiny_restorer
 from resshift_cli import ResShiftScheduler, UNet, VQAutoencoder, sampler
 from resshift_cli.pipelines.restorer import Restorer
 
+pytestmark = pytest.mark.shared  # needs ../shared
+
 
 @cache
 def _restorer(name: str, optimize: bool = False) -> Restorer:

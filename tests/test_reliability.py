@@ -97,26 +97,14 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from cliutils import RESSHIFT, invoke, noise, records, restore, run_entry_point, subprocess_env, write
+from hubfiles import publish, registry_for, sha256
 from hubserver import HubServer
 from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from reference import reference_path
+from reference import SHARED, missing, reference_path
 from safetensors.torch import load_file
-from test_cli import (
-    RESSHIFT,
-    _isolated,
-    _one_thread,
-    invoke,
-    noise,
-    records,
-    registry,
-    restore,
-    run_entry_point,
-    subprocess_env,
-    write,
-)
-from test_hub import hf_home, publish, registry_for, server, sha256
 from tinymodels import _table, registry_entries
 
 from resshift_cli import hub, imagefiles
@@ -124,11 +112,12 @@ from resshift_cli.hub import ChecksumError, fetch
 from resshift_cli.imagefiles import ImageError, load_image
 from resshift_cli.pipelines import tasks
 
-TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
+pytestmark = pytest.mark.shared  # needs ../shared
+
+TESTDATA = SHARED / "testdata"
 
 # Fixtures of test_cli (autouse: an empty HF cache and offline, one torch thread; the tiny-model
 # registry) and of test_hub (a local hub server, HF_HOME pointing at it), used here as they are.
-REUSED_FIXTURES = (_isolated, _one_thread, registry, server, hf_home)
 
 
 # Helpers -------------------------------------------------------------------------------------------
@@ -191,6 +180,7 @@ def assert_one_line_errors(stderr: str, failed: dict[Path, str]) -> None:
 # Bad images and masks ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_bad_and_odd_images_in_one_batch(tmp_path: Path, registry: Path) -> None:
     """Through the installed script: every unreadable file fails alone with one line, every odd mode
     and size is restored, animations give their first frame with a notice, non-image files are
@@ -451,6 +441,7 @@ def test_full_disk(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, registry: Pa
     assert leftovers(out) == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signum", "said"),
     [
@@ -780,10 +771,9 @@ def test_exit_codes_are_documented() -> None:
 
 
 def _shared_images(*folders: str) -> list[Path]:
-    files = sorted(p for folder in folders for p in (TESTDATA / folder).rglob("*") if p.is_file())
-    if not files:
-        pytest.fail(f"test data missing under {TESTDATA} (expected ../shared/testdata beside the project)")
-    return files
+    """The test images under ``folders`` of ../shared/testdata (none where it is missing: the tests
+    drawing from them then skip, or fail where ../shared is required)."""
+    return sorted(p for folder in folders for p in (TESTDATA / folder).rglob("*") if p.is_file())
 
 
 @functools.cache
@@ -815,6 +805,8 @@ def mutated(draw: st.DrawFn, sources: tuple[Path, ...]) -> tuple[str, bytes]:
     """(file suffix, bytes): a real image as it is, with bytes flipped (anywhere, or in the header
     where sizes and modes are, or with PNG checksums made valid again), cut, overwritten or
     inserted, or plain random bytes."""
+    if not sources:
+        missing(TESTDATA)
     path = draw(st.sampled_from(sources))
     data = bytearray(_read(path))
     kind = draw(st.sampled_from(MUTATIONS))
@@ -874,6 +866,7 @@ def test_loader_on_random_and_mutated_bytes(case: tuple[str, bytes]) -> None:
     assert image.bit_depth in (8, 16)
 
 
+@pytest.mark.slow
 @settings(
     max_examples=12,
     deadline=None,
@@ -921,6 +914,7 @@ def output_paths(draw: st.DrawFn) -> tuple[str, str]:
     return "/".join([*parts, last]), suffix
 
 
+@pytest.mark.slow
 @settings(
     max_examples=40,
     deadline=None,
@@ -1059,6 +1053,7 @@ def small_runs(draw: st.DrawFn) -> tuple[str, tuple[int, int], list[str]]:
     return task, (draw(SIDES), draw(SIDES)), options
 
 
+@pytest.mark.slow
 @settings(
     max_examples=30,
     deadline=None,

@@ -18,6 +18,8 @@ from resshift_cli.pipelines.options import RunOptions
 from resshift_cli.pipelines.restorer import Restorer, TiledNetwork
 from resshift_cli.pipelines.tiling import plan_tiles
 
+pytestmark = pytest.mark.shared  # needs ../shared
+
 
 def _tiny_sr(optimize: bool = True) -> Restorer:
     return tiny_restorer("sr-tiny", optimize=optimize)
@@ -128,6 +130,7 @@ def test_tiled_network_assembles_the_whole_output(with_mask: bool) -> None:
     assert all(shape[-2:] == (16, 16) for shape in network.calls)
 
 
+@pytest.mark.slow
 def test_network_runs_in_tiles_when_the_latent_exceeds_its_budget() -> None:
     restorer = _tiny_sr()
     image = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
@@ -266,6 +269,7 @@ class _OutOfMemory:
         setattr(owner, name, guarded)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("stage", "limit"), [("encode", 32), ("unet", 8), ("decode", 8)])
 def test_out_of_memory_retries_the_image_with_smaller_tiles(stage: str, limit: int) -> None:
     """Out of memory in any stage: the image is restored again in smaller tiles, with one notice

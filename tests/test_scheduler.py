@@ -11,6 +11,8 @@ from reference import manifest
 from resshift_cli import ResShiftScheduler, sampler
 from resshift_cli.scheduler import space_timesteps
 
+pytestmark = pytest.mark.shared  # needs ../shared
+
 
 def _diffusion(**overrides) -> ResShiftScheduler:
     params = dict(manifest("realsr-v3")["diffusion_params"])

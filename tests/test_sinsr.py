@@ -23,6 +23,8 @@ from resshift_cli.cli import main
 from resshift_cli.models.unet import UNet
 from resshift_cli.registry import load_registry
 
+pytestmark = pytest.mark.shared  # needs ../shared
+
 RELEASES = "https://github.com/wyf0912/SinSR/releases/download/v1.0/"
 
 

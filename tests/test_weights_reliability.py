@@ -39,6 +39,8 @@ from resshift_cli.checkpoints import read_state_dict, save_safetensors
 from resshift_cli.cli import main
 from resshift_cli.registry import load_registry
 
+pytestmark = pytest.mark.shared  # needs ../shared
+
 RESSHIFT = Path(sys.executable).parent / "resshift"
 ORIGINALS = {
     "unet": reference_path("parity", "sr-tiny", "unet.safetensors"),
@@ -138,6 +140,7 @@ def test_intact_checkpoints_restore(
     assert (tmp_path / "out.png").is_file()
 
 
+@pytest.mark.slow
 @settings(
     max_examples=60,
     deadline=None,
