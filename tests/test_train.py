@@ -243,6 +243,43 @@ def test_lite_config_builds_a_pixel_model_under_20_mb(tmp_path: Path) -> None:
     assert unet(x, torch.tensor([1]), lq=x).shape == x.shape
 
 
+def test_a_fresh_network_starts_as_upstream_with_zeroed_residual_outputs() -> None:
+    """Upstream's zero_module: the last convolution of every ResBlock and the network's output
+    convolution start at zero; everything else, the Swin layers included, starts random."""
+    from resshift_cli.models.swin import WindowAttention
+    from resshift_cli.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    unet = UNet(**load_train_config(ROOT / "configs" / "lite.toml").model.unet)
+    zeroed = {id(p) for p in unet.out[-1].parameters()}
+    blocks = [m for m in unet.modules() if isinstance(m, ResBlock)]
+    assert len(blocks) == 15  # 5 down, 2 in the middle, 8 up
+    for block in blocks:
+        zeroed |= {id(p) for p in block.out_layers[-1].parameters()}
+    assert len(zeroed) == 2 * (len(blocks) + 1)
+    for name, parameter in unet.named_parameters():
+        if id(parameter) in zeroed:
+            assert not parameter.any(), name
+        elif name.endswith(".weight") and parameter.dim() > 1:
+            assert parameter.std() > 1e-3, name  # random, not zero
+    tables = [m.relative_position_bias_table for m in unet.modules() if isinstance(m, WindowAttention)]
+    assert tables and all(0.01 < float(t.detach().std()) < 0.03 for t in tables)  # trunc_normal_(std=0.02)
+
+
+def test_an_untrained_lite_network_gives_exactly_the_bicubic_image() -> None:
+    """predict_type "residual" with a zero output: the sampler returns y0, the bicubic upsampling."""
+    from resshift_cli.diffusion import ResShiftDiffusion
+
+    config = load_train_config(ROOT / "configs" / "lite.toml")
+    torch.manual_seed(1)
+    unet = UNet(**config.model.unet).eval()
+    diffusion = ResShiftDiffusion(**config.model.diffusion)
+    lq = torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    with torch.no_grad():
+        out = diffusion.sample(lq, unet, None, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, diffusion.upsample(lq).clamp(-1, 1))
+
+
 # ---------------------------------------------------------------------------------------------------
 # Schedule, EMA, optimizer state, data order.
 
