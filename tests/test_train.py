@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -342,12 +343,13 @@ def test_sample_order_and_sharding_are_deterministic(tmp_path: Path) -> None:
     whole = StepBatches(maker, 1, 4, 4, rank=0, world_size=1)
     halves = [StepBatches(maker, 1, 4, 4, rank=r, world_size=2) for r in (0, 1)]
     for i in range(len(whole)):
-        hq, lq = whole[i]
-        assert hq.shape == (4, 3, 8, 8) and lq.shape == (4, 3, 2, 2)
-        assert torch.equal(hq, torch.cat([halves[0][i][0], halves[1][i][0]]))
-        assert torch.equal(lq, torch.cat([halves[0][i][1], halves[1][i][1]]))
+        batch = whole[i]
+        assert batch.hq is not None and batch.lq is not None and batch.unreadable == []
+        assert batch.hq.shape == (4, 3, 8, 8) and batch.lq.shape == (4, 3, 2, 2)
+        assert torch.equal(batch.hq, torch.cat([halves[0][i].hq, halves[1][i].hq]))
+        assert torch.equal(batch.lq, torch.cat([halves[0][i].lq, halves[1][i].lq]))
     # A run resumed at step 3 gets step 3's batch.
-    assert torch.equal(StepBatches(maker, 3, 4, 4, 0, 1)[0][0], whole[2][0])
+    assert torch.equal(StepBatches(maker, 3, 4, 4, 0, 1)[0].hq, whole[2].hq)
 
 
 def test_pairs_are_cropped_from_the_shrunk_image(tmp_path: Path) -> None:
@@ -460,6 +462,75 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
     resumed = run_training(load_train_config(_config_file(tmp_path), halves), resume=True, quiet=True)
     assert _losses(resumed.log) == _losses(six.output_dir / "log.jsonl")
     _assert_same_weights(resumed.weights, six.output_dir / "tiny.safetensors")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_saves_the_current_step_and_resume_repeats_the_run_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """A signal during step 3 (no checkpoint due there; the loss is logged every 2 steps) saves a
+    checkpoint at step 3; the resumed run ends with the uninterrupted run's weights, optimizer state
+    and loss curve, bit for bit."""
+    from resshift_cli.training import trainer
+
+    extra = ["train.log_every=2", "train.checkpoint_every=4", "data.workers=1"]
+    straight = load_train_config(_config_file(tmp_path), [*extra, f"output_dir={tmp_path / 'straight'}"])
+    run_training(straight, resume=False, quiet=True)
+
+    config = load_train_config(_config_file(tmp_path), [*extra, f"output_dir={tmp_path / 'stopped'}"])
+    real_lr_at = trainer.lr_at
+
+    def signal_at_step_3(step: int, *args: Any) -> float:
+        if step == 3:
+            os.kill(os.getpid(), signum)  # arrives during the step; the step still finishes
+        return real_lr_at(step, *args)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(trainer, "lr_at", signal_at_step_3)
+    with pytest.raises(trainer.TrainingInterrupted) as stopped:
+        run_training(config, resume=False, quiet=True)
+    monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # restored
+    assert stopped.value.exit_code == 128 + signum and stopped.value.saved and stopped.value.step == 3
+    checkpoint = config.output_dir / "checkpoints" / "step-0000003"
+    assert stopped.value.checkpoint == checkpoint
+    assert str(stopped.value) == (
+        f"interrupted by {signal.Signals(signum).name} at step 3: saved {checkpoint}; continue with --resume"
+    )
+    assert not (config.output_dir / "tiny.safetensors").exists()  # no final weights: not finished
+
+    resumed = run_training(config, resume=True, quiet=True)
+    assert _losses(resumed.log) == _losses(straight.output_dir / "log.jsonl")
+    _assert_same_weights(resumed.weights, straight.output_dir / "tiny.safetensors")
+    for name in ("model", "ema", "optimizer"):
+        _assert_same_weights(
+            resumed.checkpoint / f"{name}.safetensors",
+            straight.output_dir / "checkpoints" / "step-0000006" / f"{name}.safetensors",
+        )
+
+
+def test_a_signal_during_setup_stops_at_once_and_names_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resshift_cli.training import trainer
+
+    config = load_train_config(_config_file(tmp_path), ["train.steps=3", "optim.schedule=constant"])
+    run_training(config, resume=False, quiet=True)
+    real_build = trainer._build_models
+
+    def signalled_while_building(*args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_build(*args)
+
+    monkeypatch.setattr(trainer, "_build_models", signalled_while_building)
+    more = load_train_config(_config_file(tmp_path), ["train.steps=6", "optim.schedule=constant"])
+    with pytest.raises(trainer.TrainingInterrupted) as stopped:
+        run_training(more, resume=True, quiet=True)
+    last = config.output_dir / "checkpoints" / "step-0000003"
+    assert not stopped.value.saved and stopped.value.checkpoint == last
+    expected = f"interrupted by SIGTERM: nothing saved after {last}; continue from it with --resume"
+    assert str(stopped.value) == expected
+    assert sorted(p.name for p in (config.output_dir / "checkpoints").iterdir()) == ["step-0000003"]
 
 
 def test_resume_refuses_a_changed_run_and_fresh_runs_refuse_old_checkpoints(tmp_path: Path) -> None:
@@ -594,8 +665,13 @@ def test_pixel_model_must_condition_at_full_size(tmp_path: Path) -> None:
             resume=False,
             quiet=True,
         )
+    big = _images(tmp_path / "big", 2, 48, 0)  # the images are checked first: they must hold the crop
     with pytest.raises(TrainConfigError, match=r"data\.crop = 36 must be a multiple of 8"):
-        run_training(load_train_config(_config_file(tmp_path), ["data.crop=36"]), resume=False, quiet=True)
+        run_training(
+            load_train_config(_config_file(tmp_path), ["data.crop=36", f"data.train={big}"]),
+            resume=False,
+            quiet=True,
+        )
 
 
 def test_two_processes_match_one(tmp_path: Path) -> None:

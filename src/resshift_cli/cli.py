@@ -401,7 +401,7 @@ def train(config: Path, overrides: tuple[str, ...], resume: bool, init: str | No
     from resshift_cli.registry import RegistryError
     from resshift_cli.runtime import RuntimeSetupError
     from resshift_cli.training.config import TrainConfigError, load_train_config
-    from resshift_cli.training.trainer import run_training
+    from resshift_cli.training.trainer import TrainingInterrupted, run_training
 
     if init is not None:
         overrides = (*overrides, f"model.init={json.dumps(init)}")
@@ -413,8 +413,11 @@ def train(config: Path, overrides: tuple[str, ...], resume: bool, init: str | No
     except (CheckpointError, RegistryError, WeightsError, RuntimeSetupError, ImageError) as exc:
         click.echo(f"error: {exc}", err=True)
         sys.exit(3)
+    except TrainingInterrupted as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(exc.exit_code)
     except KeyboardInterrupt:
-        click.echo("interrupted; resume with --resume from the last checkpoint", err=True)
+        click.echo("interrupted before training started: nothing saved", err=True)
         sys.exit(130)
     if not quiet:
         click.echo(f"trained {result.step} steps; weights {result.weights}; registry entry {result.registry}")
