@@ -391,7 +391,8 @@ def train(config: Path, overrides: tuple[str, ...], resume: bool, init: str | No
 
     OVERRIDES are KEY=VALUE pairs that replace any key of CONFIG, e.g. train.steps=1000
     data.train=/data/photos. Low-quality inputs are made on the fly (bicubic or Real-ESRGAN
-    degradation). Run under torchrun for several GPUs or machines.
+    degradation). Run under torchrun for several GPUs or machines. Ctrl-C, SIGTERM or SIGHUP
+    stops after the current step with a checkpoint there (exit 128+N); --resume continues it.
     """
     import json
 
