@@ -170,6 +170,9 @@ class FlopTable:
         with torch.device("meta"):
             self.unet = UNet(**spec.unet)
             self.autoencoder = VQAutoencoder(ae_spec.embed_dim, ae_spec.n_embed, ae_spec.ddconfig)
+        # The index buffers are computed on the CPU even under the meta device: move them too.
+        self.unet.to("meta")
+        self.autoencoder.to("meta")
         # Nominal FLOPs: upstream's computation, so rates compare with upstream's; the fast paths
         # do some of it with fewer operations (the folded upsampling convolutions).
         set_fast_paths(self.unet, False)

@@ -2,6 +2,8 @@
 
 Test sets (from ``../shared`` beside the project, or ``--shared``):
 
+- ``kodak``: the 24 Kodak photos that lite's training holds out, the 256x256 centre crops that its
+  validation scores, degraded as configs/lite.toml degrades (its seed): training's validation set;
 - ``imagenet-val``: testdata/sr/imagenet-val, LQ made by the Real-ESRGAN degradation (lq -> gt);
 - ``Set5``, ``Set14``, ``BSD100``: evaldata, HR cropped to a multiple of 4 and bicubic-downscaled
   (the usual protocol; ``resshift eval --make-lr`` makes the same LR files).
@@ -10,7 +12,7 @@ The model runs exactly as ``resshift sr`` runs it (same loader, pipeline, seed a
 bicubic is the model's own y0 (torch bicubic, as upstream), rounded to 8 bits too. Metrics shave
 4 border pixels, as SR papers do.
 
-    python benchmarks/quality.py                          # lite on all four sets
+    python benchmarks/quality.py                          # lite on all five sets
     python benchmarks/quality.py --sets imagenet-val --model lite
     python benchmarks/quality.py --registry runs/lite/registry.toml   # a model you trained
     python benchmarks/quality.py --tta                    # as resshift sr --tta
@@ -26,27 +28,45 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from resshift_cli.imagefiles import is_image_path, load_image
+from resshift_cli.imagefiles import IMAGE_SUFFIXES, find_images, load_image, save_image
 from resshift_cli.metrics import make_lr_images, psnr, ssim
 from resshift_cli.pipelines.loading import load_restorer
 from resshift_cli.pipelines.options import RunOptions
 from resshift_cli.pipelines.tasks import super_resolve
 from resshift_cli.registry import load_registry
+from resshift_cli.training.config import load_train_config
+from resshift_cli.training.data import validation_pairs
 
-SETS = ("imagenet-val", "Set5", "Set14", "BSD100")
+SETS = ("kodak", "imagenet-val", "Set5", "Set14", "BSD100")
+LITE_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "lite.toml"
 BORDER = 4
 
 
 def pairs(shared: Path, name: str, scratch: Path) -> list[tuple[Path, Path]]:
     """(LQ file, ground-truth file) of every image of set ``name``, matched by stem."""
-    if name == "imagenet-val":
+    if name == "kodak":
+        lq_dir, gt_dir = scratch / "kodak-lq", scratch / "kodak-gt"
+        config = load_train_config(LITE_CONFIG)
+        data = config.data
+        crop = data.val_crop or data.crop
+        made, _ = validation_pairs(
+            shared / "traindata/kodak", 24, crop, 4, data.degradation, data.realesrgan, config.seed
+        )
+        lq_dir.mkdir(parents=True, exist_ok=True)
+        gt_dir.mkdir(parents=True, exist_ok=True)
+        for pair in made:
+            stem = Path(pair.name).stem
+            save_image(lq_dir / f"{stem}.png", pair.lq.permute(1, 2, 0).numpy())
+            save_image(gt_dir / f"{stem}.png", pair.hq.permute(1, 2, 0).numpy())
+    elif name == "imagenet-val":
         lq_dir, gt_dir = shared / "testdata/sr/imagenet-val/lq", shared / "testdata/sr/imagenet-val/gt"
     else:
         gt_dir = shared / "evaldata" / name
         lq_dir = scratch / name
         make_lr_images(gt_dir, lq_dir, 4)
-    gts = {p.stem: p for p in gt_dir.iterdir() if is_image_path(p)}
-    return [(p, gts[p.stem]) for p in sorted(lq_dir.iterdir()) if is_image_path(p) and p.stem in gts]
+    gts = {p.stem: p for p in find_images(gt_dir, recursive=False, suffixes=IMAGE_SUFFIXES)[0]}
+    lqs = find_images(lq_dir, recursive=False, suffixes=IMAGE_SUFFIXES)[0]
+    return [(p, gts[p.stem]) for p in lqs if p.stem in gts]
 
 
 def to_8bit(rgb: np.ndarray) -> np.ndarray:

@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# The recipe of the bundled `lite` weights: five runs of `resshift train configs/lite.toml`, each
-# starting from the previous run's EMA weights. configs/lite.toml holds the shipped model and the
-# last run's degradation; what the earlier runs did differently is given here as overrides: the first
-# two used kappa 0.2 and a blurrier degradation, the first four Pillow's JPEG and an aligned first
-# resize, the third and fourth fewer, narrower first resizes, and the last two the L1 loss. About
-# 3 h on 2 idle CPU cores (73, 40, 15, 22 and 25 minutes). The result, runs/lite-5/lite.safetensors,
-# is src/resshift_cli/bundled/lite.safetensors to float rounding (the thread count and the CPU change
-# the order of sums). Extra arguments go to every run (e.g. train.device=cuda).
+# The CPU recipe of the bundled `lite` weights: five runs of `resshift train configs/lite.toml`, each
+# from the previous run's EMA weights with a fresh schedule. configs/lite.toml holds the model and the
+# last run's degradation; the earlier runs differ by the overrides below: kappa 0.2 and a blurrier
+# degradation (runs 1-2), Pillow's JPEG and an aligned first resize (runs 1-4), fewer and narrower
+# first resizes (runs 3-4), lr 2e-4 (runs 2-3), the L1 loss at lr 1e-4 (runs 4-5). About 3 h on 2
+# cores (73, 40, 15, 22 and 25 minutes). The shipped weights (runs/lite-5/lite.safetensors) were
+# made with the UNet's earlier initialisation (PyTorch's defaults; now upstream's zeroed output
+# layers), so a run from scratch today starts elsewhere and ends with other weights (docs/lite.md).
+# Extra arguments go to every run (e.g. train.device=cuda); scripts/train-lite-gpu.sh is the recipe
+# for one GPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 train=(".venv/bin/resshift" train configs/lite.toml)

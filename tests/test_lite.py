@@ -4,6 +4,7 @@ photos and the imagenet test set offline (empty cache, no network) better than b
 from __future__ import annotations
 
 import hashlib
+import os
 import subprocess
 import sys
 import zipfile
@@ -94,6 +95,7 @@ def _restore_offline(tmp_path: Path, inputs: Path, *options: str) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_lite_restores_held_out_photos_offline_and_beats_bicubic(tmp_path: Path, lite) -> None:
     """All 24 held-out Kodak photos (never trained on), centre crops degraded as the recipe's
     training degrades (its Real-ESRGAN settings, fixed seeds): mean PSNR-Y and SSIM-Y above bicubic's."""
@@ -118,11 +120,12 @@ def test_lite_restores_held_out_photos_offline_and_beats_bicubic(tmp_path: Path,
     assert lite_ssim > bicubic_ssim, (lite_ssim, bicubic_ssim)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tta", [False, True])
 def test_lite_beats_bicubic_on_the_imagenet_test_set(tmp_path: Path, lite, tta: bool) -> None:
     """testdata's 32 imagenet-val LQ images (Real-ESRGAN-degraded, x4) against their ground truth:
-    mean PSNR-Y and SSIM-Y above bicubic's, with and without --tta (README: 24.46 vs 24.11 dB,
-    0.633 vs 0.625). The issue's +0.5 dB is not reached."""
+    mean PSNR-Y and SSIM-Y above bicubic's, with and without --tta (docs/lite.md: 24.46 vs 24.11 dB,
+    0.633 vs 0.625). The +0.6 dB of issue 25 is not reached."""
     lq_dir = PROJECT.parent / "shared" / "testdata" / "sr" / "imagenet-val" / "lq"
     gt_dir = lq_dir.parent / "gt"
     out = _restore_offline(tmp_path, lq_dir, *(["--tta"] if tta else []))
@@ -135,3 +138,46 @@ def test_lite_beats_bicubic_on_the_imagenet_test_set(tmp_path: Path, lite, tta: 
     bicubic_psnr, bicubic_ssim = _y_scores(bicubic, truths)
     assert lite_psnr > bicubic_psnr, (lite_psnr, bicubic_psnr)
     assert lite_ssim > bicubic_ssim, (lite_ssim, bicubic_ssim)
+
+
+def _photo(path: Path, size: tuple[int, int], seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0 : size[1], 0 : size[0]] / 32
+    waves = np.stack([np.sin(xx + seed), np.cos(yy), np.sin(xx + yy)], -1) * 0.4 + 0.5
+    pixels = np.clip(waves + rng.normal(0, 0.03, waves.shape), 0, 1)
+    save_image(path, pixels.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_the_gpu_recipe_runs_on_the_cpu_with_tiny_settings(tmp_path: Path) -> None:
+    """scripts/train-lite-gpu.sh end to end on the CPU, a tiny network for 3 steps: the weights come
+    back in parts under 16 MiB with a registry entry, and restore an image once joined."""
+    data = tmp_path / "data"
+    (data / "bsds500").mkdir(parents=True)
+    (data / "kodak-val").mkdir()
+    for i in range(2):
+        _photo(data / "bsds500" / f"{i}.jpg", (160, 130), i)
+    _photo(data / "kodak-val" / "kodim01.png", (256, 256), 5)
+    out = tmp_path / "out"
+    tiny = [
+        "model.unet.model_channels=32", "model.unet.swin_embed_dim=32", "train.batch_size=2",
+        "train.device=cpu", "train.precision=fp32", "data.workers=0", "data.val_images=1",
+        "train.log_every=1",
+    ]  # fmt: skip
+    env = {**os.environ, "DATA": str(data), "RUN": str(tmp_path / "run"), "OUT": str(out), "STEPS": "3"}
+    env |= {"PYTHON": sys.executable, "BUDGET": "600", "OMP_NUM_THREADS": "1"}
+    script = PROJECT / "scripts" / "train-lite-gpu.sh"
+    done = subprocess.run(["bash", script, *tiny], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [
+        "config.toml", "lite.safetensors.part-00", "log.jsonl", "registry.toml", "train.log"
+    ]  # fmt: skip
+    assert "finished 3 steps" in (out / "train.log").read_text()
+    (out / "lite.safetensors").write_bytes((out / "lite.safetensors.part-00").read_bytes())
+    registry = load_registry(out / "registry.toml", env={})
+    from resshift_cli.pipelines.loading import load_restorer
+
+    restorer = load_restorer("lite-gpu", registry=registry, device="cpu")
+    restored = restorer.restore(torch.rand(1, 3, 8, 8))
+    assert restored.shape == (1, 3, 32, 32) and torch.isfinite(restored).all()

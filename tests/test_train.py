@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from launch import torchrun
 from PIL import Image
 from reference import case, reference_path
 from safetensors.torch import load_file
+from trainconfigs import TINY_UNET, config_file, training_images
 
 from resshift_cli.checkpoints import compact_state_dict, load_into, read_state_dict, save_safetensors
 from resshift_cli.models.unet import UNet
@@ -46,73 +48,6 @@ from resshift_cli.training.trainer import (
 )
 
 ROOT = Path(__file__).resolve().parents[1]
-
-TINY_UNET: dict[str, Any] = {
-    "image_size": 32,
-    "in_channels": 3,
-    "model_channels": 32,
-    "out_channels": 3,
-    "attention_resolutions": [16],
-    "channel_mult": [1, 2],
-    "num_res_blocks": 1,
-    "num_head_channels": 16,
-    "use_scale_shift_norm": True,
-    "swin_depth": 2,
-    "swin_embed_dim": 32,
-    "window_size": 4,
-    "mlp_ratio": 2,
-    "cond_lq": True,
-    "lq_size": 32,
-}
-PIXEL_DIFFUSION: dict[str, Any] = {
-    "sf": 4,
-    "steps": 4,
-    "min_noise_level": 0.2,
-    "kappa": 2.0,
-    "etas_end": 0.99,
-    "latent_flag": False,
-    "schedule_kwargs": {"power": 0.3},
-}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One thread: faster than two contended ones here, and the runs compare bit for bit."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _images(folder: Path, count: int, size: int, seed: int) -> Path:
-    """``count`` smooth-plus-texture RGB PNGs of ``size`` x ``size``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    for i in range(count):
-        waves = np.stack([np.sin(6 * xx + i), np.cos(5 * yy - i), np.sin(4 * (xx + yy) + seed)], -1)
-        image = np.clip(0.5 + 0.4 * waves + rng.normal(0, 0.05, waves.shape), 0, 1)
-        Image.fromarray(np.round(image * 255).astype(np.uint8)).save(folder / f"img{i}.png")
-    return folder
-
-
-def _config_file(tmp: Path, extra: dict[str, Any] | None = None, **tables: dict[str, Any]) -> Path:
-    """A tiny pixel-space config (two 32x32 training images) in ``tmp/train.toml``."""
-    data: dict[str, Any] = {
-        "name": "tiny",
-        "output_dir": "out",
-        "seed": 3,
-        "model": {"unet": TINY_UNET, "diffusion": PIXEL_DIFFUSION},
-        "data": {"train": str(_images(tmp / "hq", 2, 32, 0)), "crop": 32},
-        "optim": {"lr": 2e-3, "warmup_steps": 3, "ema_decay": 0.9},
-        "train": {"steps": 6, "batch_size": 4, "log_every": 1, "checkpoint_every": 3, "val_every": 0},
-    }
-    for name, values in tables.items():
-        data[name] = {**data.get(name, {}), **values}
-    data.update(extra or {})
-    path = tmp / "train.toml"
-    path.write_text(dump_toml(data), encoding="utf-8")
-    return path
 
 
 def _losses(log: Path) -> list[float]:
@@ -155,7 +90,7 @@ def test_overrides_parse_as_toml_values() -> None:
 def test_load_config_applies_overrides_and_resolves_paths(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = _config_file(tmp_path, data={"train": "hq"})
+    path = config_file(tmp_path, data={"train": "hq"})
     monkeypatch.chdir(ROOT)
     config = load_train_config(
         path,
@@ -217,7 +152,7 @@ def test_load_config_applies_overrides_and_resolves_paths(
     ],
 )
 def test_invalid_config_names_the_key(tmp_path: Path, override: str, message: str) -> None:
-    path = _config_file(tmp_path)
+    path = config_file(tmp_path)
     with pytest.raises(TrainConfigError, match=message):
         load_train_config(path, [override])
 
@@ -242,6 +177,45 @@ def test_lite_config_builds_a_pixel_model_under_20_mb(tmp_path: Path) -> None:
     # It runs at the crop size, conditioned on the upsampled LQ.
     x = torch.zeros(1, 3, config.data.crop, config.data.crop)
     assert unet(x, torch.tensor([1]), lq=x).shape == x.shape
+
+
+def test_a_fresh_network_starts_as_upstream_with_zeroed_residual_outputs() -> None:
+    """Upstream's zero_module: the last convolution of every ResBlock and the network's output
+    convolution start at zero; everything else, the Swin layers included, starts random."""
+    from resshift_cli.models.swin import WindowAttention
+    from resshift_cli.models.unet import ResBlock
+
+    torch.manual_seed(0)
+    unet = UNet(**load_train_config(ROOT / "configs" / "lite.toml").model.unet)
+    zeroed = {id(p) for p in unet.out[-1].parameters()}
+    blocks = [m for m in unet.modules() if isinstance(m, ResBlock)]
+    assert len(blocks) == 15  # 5 down, 2 in the middle, 8 up
+    for block in blocks:
+        zeroed |= {id(p) for p in block.out_layers[-1].parameters()}
+    assert len(zeroed) == 2 * (len(blocks) + 1)
+    for name, parameter in unet.named_parameters():
+        if id(parameter) in zeroed:
+            assert not parameter.any(), name
+        elif name.endswith(".weight") and parameter.dim() > 1:
+            assert parameter.std() > 1e-3, name  # random, not zero
+    tables = [m.relative_position_bias_table for m in unet.modules() if isinstance(m, WindowAttention)]
+    assert tables and all(0.01 < float(t.detach().std()) < 0.03 for t in tables)  # trunc_normal_(std=0.02)
+
+
+def test_an_untrained_lite_network_gives_exactly_the_bicubic_image() -> None:
+    """predict_type "residual" with a zero output: the sampler returns y0, the bicubic upsampling."""
+    from resshift_cli import ResShiftScheduler, Restorer
+    from resshift_cli.pipelines.latent import LatentSpace
+
+    config = load_train_config(ROOT / "configs" / "lite.toml")
+    torch.manual_seed(1)
+    unet = UNet(**config.model.unet)
+    params = config.model.diffusion
+    latent = LatentSpace.from_params(None, params)
+    restorer = Restorer(unet, ResShiftScheduler(**params), latent, torch.device("cpu"), optimize=False)
+    lq = torch.rand(2, 3, 32, 64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    out = restorer.sample(lq, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(out, latent.upsample(lq).clamp(-1, 1))
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -297,7 +271,7 @@ def test_optimizer_state_round_trips_through_tensors_and_json() -> None:
 
 
 def test_sample_order_and_sharding_are_deterministic(tmp_path: Path) -> None:
-    paths = [_images(tmp_path / "hq", 5, 16, 1) / f"img{i}.png" for i in range(5)]
+    paths = [training_images(tmp_path / "hq", 5, 16, 1) / f"img{i}.png" for i in range(5)]
     maker = PairMaker(paths, 8, 4, "bicubic", DegradationConfig(), False, seed=11)
     epochs = [[maker.order.image_index(k) for k in range(e * 5, e * 5 + 5)] for e in range(3)]
     assert all(sorted(e) == list(range(5)) for e in epochs)  # each epoch visits every image once
@@ -306,16 +280,17 @@ def test_sample_order_and_sharding_are_deterministic(tmp_path: Path) -> None:
     whole = StepBatches(maker, 1, 4, 4, rank=0, world_size=1)
     halves = [StepBatches(maker, 1, 4, 4, rank=r, world_size=2) for r in (0, 1)]
     for i in range(len(whole)):
-        hq, lq = whole[i]
-        assert hq.shape == (4, 3, 8, 8) and lq.shape == (4, 3, 2, 2)
-        assert torch.equal(hq, torch.cat([halves[0][i][0], halves[1][i][0]]))
-        assert torch.equal(lq, torch.cat([halves[0][i][1], halves[1][i][1]]))
+        batch = whole[i]
+        assert batch.hq is not None and batch.lq is not None and batch.unreadable == []
+        assert batch.hq.shape == (4, 3, 8, 8) and batch.lq.shape == (4, 3, 2, 2)
+        assert torch.equal(batch.hq, torch.cat([halves[0][i].hq, halves[1][i].hq]))
+        assert torch.equal(batch.lq, torch.cat([halves[0][i].lq, halves[1][i].lq]))
     # A run resumed at step 3 gets step 3's batch.
-    assert torch.equal(StepBatches(maker, 3, 4, 4, 0, 1)[0][0], whole[2][0])
+    assert torch.equal(StepBatches(maker, 3, 4, 4, 0, 1)[0].hq, whole[2].hq)
 
 
 def test_pairs_are_cropped_from_the_shrunk_image(tmp_path: Path) -> None:
-    paths = [_images(tmp_path / "hq", 2, 16, 1) / f"img{i}.png" for i in range(2)]
+    paths = [training_images(tmp_path / "hq", 2, 16, 1) / f"img{i}.png" for i in range(2)]
     plain = PairMaker(paths, 8, 4, "bicubic", DegradationConfig(), False, seed=11)
     halved = PairMaker(paths, 8, 4, "bicubic", DegradationConfig(), False, seed=11, shrink=(0.5, 0.5))
     for k in range(6):
@@ -337,14 +312,15 @@ def test_l1_loss_is_what_the_run_minimises(tmp_path: Path) -> None:
     whose mean square the MSE run logs, so it lies between that and its square root (errors < 1)."""
     first = {}
     for loss in ("mse", "l1"):
-        path = _config_file(tmp_path / loss, train={"steps": 1, "loss": loss})
+        path = config_file(tmp_path / loss, train={"steps": 1, "loss": loss})
         first[loss] = _losses(run_training(load_train_config(path), resume=False, quiet=True).log)[0]
     assert first["mse"] < first["l1"] <= math.sqrt(first["mse"])
 
 
+@pytest.mark.slow
 def test_smoke_run_loss_goes_down_and_writes_checkpoints(tmp_path: Path) -> None:
-    val = _images(tmp_path / "val", 2, 48, 5)
-    path = _config_file(
+    val = training_images(tmp_path / "val", 2, 48, 5)
+    path = config_file(
         tmp_path,
         data={"val": str(val), "val_images": 2},
         optim={"warmup_steps": 5},
@@ -389,8 +365,9 @@ def test_smoke_run_loss_goes_down_and_writes_checkpoints(tmp_path: Path) -> None
     assert out.shape == (1, 3, 32, 32) and torch.isfinite(out).all()
 
 
+@pytest.mark.slow
 def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
-    straight = load_train_config(_config_file(tmp_path))
+    straight = load_train_config(config_file(tmp_path))
     run_training(straight, resume=False, quiet=True)
     expected = _losses(straight.output_dir / "log.jsonl")
     assert len(expected) == 6
@@ -403,7 +380,7 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
     (crashed / "tiny.safetensors").unlink()
     lines = (crashed / "log.jsonl").read_text().splitlines()
     (crashed / "log.jsonl").write_text("\n".join(lines[:4]) + '\n{"step": 5, "lo')
-    config = load_train_config(_config_file(tmp_path), [f"output_dir={crashed}", "data.workers=2"])
+    config = load_train_config(config_file(tmp_path), [f"output_dir={crashed}", "data.workers=2"])
     result = run_training(config, resume=True, quiet=True)
     assert _losses(result.log) == expected
     _assert_same_weights(result.weights, straight.output_dir / "tiny.safetensors")
@@ -415,19 +392,89 @@ def test_resume_repeats_the_uninterrupted_run_exactly(tmp_path: Path) -> None:
 
     # Three steps, then three more: the same as six (constant schedule, so the length may grow).
     both = ["optim.schedule=constant"]
-    six = load_train_config(_config_file(tmp_path), [*both, f"output_dir={tmp_path / 'six'}"])
+    six = load_train_config(config_file(tmp_path), [*both, f"output_dir={tmp_path / 'six'}"])
     run_training(six, resume=False, quiet=True)
     halves = [f"output_dir={tmp_path / 'halves'}", *both]
     run_training(
-        load_train_config(_config_file(tmp_path), [*halves, "train.steps=3"]), resume=False, quiet=True
+        load_train_config(config_file(tmp_path), [*halves, "train.steps=3"]), resume=False, quiet=True
     )
-    resumed = run_training(load_train_config(_config_file(tmp_path), halves), resume=True, quiet=True)
+    resumed = run_training(load_train_config(config_file(tmp_path), halves), resume=True, quiet=True)
     assert _losses(resumed.log) == _losses(six.output_dir / "log.jsonl")
     _assert_same_weights(resumed.weights, six.output_dir / "tiny.safetensors")
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_a_signal_saves_the_current_step_and_resume_repeats_the_run_exactly(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, signum: int
+) -> None:
+    """A signal during step 3 (no checkpoint due there; the loss is logged every 2 steps) saves a
+    checkpoint at step 3; the resumed run ends with the uninterrupted run's weights, optimizer state
+    and loss curve, bit for bit."""
+    from resshift_cli.training import trainer
+
+    extra = ["train.log_every=2", "train.checkpoint_every=4", "data.workers=1"]
+    straight = load_train_config(config_file(tmp_path), [*extra, f"output_dir={tmp_path / 'straight'}"])
+    run_training(straight, resume=False, quiet=True)
+
+    config = load_train_config(config_file(tmp_path), [*extra, f"output_dir={tmp_path / 'stopped'}"])
+    real_lr_at = trainer.lr_at
+
+    def signal_at_step_3(step: int, *args: Any) -> float:
+        if step == 3:
+            os.kill(os.getpid(), signum)  # arrives during the step; the step still finishes
+        return real_lr_at(step, *args)
+
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
+    monkeypatch.setattr(trainer, "lr_at", signal_at_step_3)
+    with pytest.raises(trainer.TrainingInterrupted) as stopped:
+        run_training(config, resume=False, quiet=True)
+    monkeypatch.setattr(trainer, "lr_at", real_lr_at)
+    assert {s: signal.getsignal(s) for s in handlers} == handlers  # restored
+    assert stopped.value.exit_code == 128 + signum and stopped.value.saved and stopped.value.step == 3
+    checkpoint = config.output_dir / "checkpoints" / "step-0000003"
+    assert stopped.value.checkpoint == checkpoint
+    assert str(stopped.value) == (
+        f"interrupted by {signal.Signals(signum).name} at step 3: saved {checkpoint}; continue with --resume"
+    )
+    assert not (config.output_dir / "tiny.safetensors").exists()  # no final weights: not finished
+
+    resumed = run_training(config, resume=True, quiet=True)
+    assert _losses(resumed.log) == _losses(straight.output_dir / "log.jsonl")
+    _assert_same_weights(resumed.weights, straight.output_dir / "tiny.safetensors")
+    for name in ("model", "ema", "optimizer"):
+        _assert_same_weights(
+            resumed.checkpoint / f"{name}.safetensors",
+            straight.output_dir / "checkpoints" / "step-0000006" / f"{name}.safetensors",
+        )
+
+
+def test_a_signal_during_setup_stops_at_once_and_names_the_last_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resshift_cli.training import trainer
+
+    config = load_train_config(config_file(tmp_path), ["train.steps=3", "optim.schedule=constant"])
+    run_training(config, resume=False, quiet=True)
+    real_build = trainer._build_models
+
+    def signalled_while_building(*args: Any) -> Any:
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_build(*args)
+
+    monkeypatch.setattr(trainer, "_build_models", signalled_while_building)
+    more = load_train_config(config_file(tmp_path), ["train.steps=6", "optim.schedule=constant"])
+    with pytest.raises(trainer.TrainingInterrupted) as stopped:
+        run_training(more, resume=True, quiet=True)
+    last = config.output_dir / "checkpoints" / "step-0000003"
+    assert not stopped.value.saved and stopped.value.checkpoint == last
+    expected = f"interrupted by SIGTERM: nothing saved after {last}; continue from it with --resume"
+    assert str(stopped.value) == expected
+    assert sorted(p.name for p in (config.output_dir / "checkpoints").iterdir()) == ["step-0000003"]
+
+
 def test_resume_refuses_a_changed_run_and_fresh_runs_refuse_old_checkpoints(tmp_path: Path) -> None:
-    path = _config_file(tmp_path, train={"steps": 1})
+    path = config_file(tmp_path, train={"steps": 1})
     run_training(load_train_config(path), resume=False, quiet=True)
     with pytest.raises(TrainConfigError, match="already holds checkpoints"):
         run_training(load_train_config(path), resume=False, quiet=True)
@@ -447,7 +494,7 @@ def test_final_weights_can_be_stored_in_fp16(tmp_path: Path) -> None:
         image = torch.linspace(0, 1, 3 * 8 * 8).reshape(1, 3, 8, 8)
         return restorer.restore(image, options=RunOptions(seed=0))
 
-    path = _config_file(tmp_path, train={"steps": 2})
+    path = config_file(tmp_path, train={"steps": 2})
     full = run_training(load_train_config(path), resume=False, quiet=True)
     ema = _weights(full.checkpoint / "ema.safetensors")
     assert {v.dtype for v in _weights(full.weights).values() if v.is_floating_point()} == {torch.float32}
@@ -517,10 +564,10 @@ def test_latent_space_fine_tuning_with_a_frozen_autoencoder(tmp_path: Path, sour
             "unet": c["unet_params"],
             "diffusion": {k: v for k, v in c["diffusion_params"].items() if v is not None},
         }
-    path = _config_file(tmp_path, extra={"model": model})
-    val = _images(tmp_path / "val", 1, 64, 9)
+    path = config_file(tmp_path, extra={"model": model})
+    val = training_images(tmp_path / "val", 1, 64, 9)
     overrides = [
-        f"data.train={_images(tmp_path / 'hq64', 2, 64, 4)}",
+        f"data.train={training_images(tmp_path / 'hq64', 2, 64, 4)}",
         "data.crop=64",
         "data.degradation=realesrgan",
         f"data.val={val}",
@@ -550,22 +597,28 @@ def test_latent_space_fine_tuning_with_a_frozen_autoencoder(tmp_path: Path, sour
 
 
 def test_pixel_model_must_condition_at_full_size(tmp_path: Path) -> None:
-    path = _config_file(tmp_path, model={"unet": {**TINY_UNET, "lq_size": 64}})
+    path = config_file(tmp_path, model={"unet": {**TINY_UNET, "lq_size": 64}})
     with pytest.raises(TrainConfigError, match="lq_size must equal image_size"):
         run_training(load_train_config(path), resume=False, quiet=True)
     with pytest.raises(TrainConfigError, match="latent_flag must be false"):
         run_training(
-            load_train_config(_config_file(tmp_path), ["model.diffusion.latent_flag=true"]),
+            load_train_config(config_file(tmp_path), ["model.diffusion.latent_flag=true"]),
             resume=False,
             quiet=True,
         )
+    big = training_images(tmp_path / "big", 2, 48, 0)  # the images are checked first: they must hold the crop
     with pytest.raises(TrainConfigError, match=r"data\.crop = 36 must be a multiple of 8"):
-        run_training(load_train_config(_config_file(tmp_path), ["data.crop=36"]), resume=False, quiet=True)
+        run_training(
+            load_train_config(config_file(tmp_path), ["data.crop=36", f"data.train={big}"]),
+            resume=False,
+            quiet=True,
+        )
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tmp_path: Path) -> None:
     """torchrun with 2 CPU processes (Gloo): same losses as one process, one log, one checkpoint."""
-    path = _config_file(tmp_path, train={"steps": 3, "checkpoint_every": 2})
+    path = config_file(tmp_path, train={"steps": 3, "checkpoint_every": 2})
     single = load_train_config(path, [f"output_dir={tmp_path / 'single'}"])
     run_training(single, resume=False, quiet=True)
 

@@ -421,36 +421,23 @@ def weights_export(directory: Path, names: tuple[str, ...], registry: Path | Non
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint in the output folder.")
 @click.option("--init", help="Fine-tune: start from a registry model (name) or a weights file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress; errors only.")
+@_handled("nothing saved before training started")
 def train(config: Path, overrides: tuple[str, ...], resume: bool, init: str | None, quiet: bool) -> None:
     """Train or fine-tune a model on a folder of high-quality images (see configs/lite.toml).
 
     OVERRIDES are KEY=VALUE pairs that replace any key of CONFIG, e.g. train.steps=1000
     data.train=/data/photos. Low-quality inputs are made on the fly (bicubic or Real-ESRGAN
-    degradation). Run under torchrun for several GPUs or machines.
+    degradation). Run under torchrun for several GPUs or machines. Ctrl-C, SIGTERM or SIGHUP
+    stops after the current step with a checkpoint there (exit 128+N); --resume continues it.
     """
     import json
 
-    from resshift_cli.checkpoints import CheckpointError
-    from resshift_cli.hub import WeightsError
-    from resshift_cli.imagefiles import ImageError
-    from resshift_cli.registry import RegistryError
-    from resshift_cli.runtime import RuntimeSetupError
-    from resshift_cli.training.config import TrainConfigError, load_train_config
+    from resshift_cli.training.config import load_train_config
     from resshift_cli.training.trainer import run_training
 
     if init is not None:
         overrides = (*overrides, f"model.init={json.dumps(init)}")
-    try:
-        settings = load_train_config(config, overrides)
-        result = run_training(settings, resume=resume, quiet=quiet)
-    except TrainConfigError as exc:
-        raise click.UsageError(str(exc)) from None
-    except (CheckpointError, RegistryError, WeightsError, RuntimeSetupError, ImageError) as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(3)
-    except KeyboardInterrupt:
-        click.echo("interrupted; resume with --resume from the last checkpoint", err=True)
-        sys.exit(130)
+    result = run_training(load_train_config(config, overrides), resume=resume, quiet=quiet)
     if not quiet:
         click.echo(f"trained {result.step} steps; weights {result.weights}; registry entry {result.registry}")
 

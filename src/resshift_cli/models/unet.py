@@ -8,12 +8,24 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import TypeVar
 
 import torch
 from torch import nn
 
 from resshift_cli.models.layers import Downsample, Upsample, normalization
-from resshift_cli.models.swin import BasicLayer
+from resshift_cli.models.swin import BasicLayer, WindowAttention
+
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
+def zero_module(module: ModuleT) -> ModuleT:
+    """``module`` with every parameter set to zero, as upstream initialises the last layer of each
+    residual branch and of the network: an untrained block is then its skip connection, and an
+    untrained network outputs zero (for ``predict_type`` "residual": the bicubic image)."""
+    for parameter in module.parameters():
+        nn.init.zeros_(parameter)
+    return module
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 10000) -> torch.Tensor:
@@ -64,7 +76,7 @@ class ResBlock(nn.Module):
             normalization(out_channels),
             nn.SiLU(),
             nn.Dropout(p=dropout),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1),
+            zero_module(nn.Conv2d(out_channels, out_channels, 3, padding=1)),
         )
         if out_channels == channels:
             self.skip_connection: nn.Module = nn.Identity()
@@ -261,8 +273,14 @@ class UNet(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*blocks))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), nn.Conv2d(input_ch, out_channels * pixel_unshuffle**2, 3, padding=1)
+            normalization(ch),
+            nn.SiLU(),
+            zero_module(nn.Conv2d(input_ch, out_channels * pixel_unshuffle**2, 3, padding=1)),
         )
+        for module in self.modules():
+            if isinstance(module, WindowAttention):
+                # Upstream's Swin layers (from SwinIR) draw the relative-position bias this way.
+                nn.init.trunc_normal_(module.relative_position_bias_table, std=0.02)
 
     @property
     def size_multiple(self) -> int:

@@ -34,6 +34,7 @@ from typing import Any
 
 from resshift_cli.checkpoints import PICKLE_SUFFIXES, SAFETENSORS_SUFFIXES
 from resshift_cli.errors import UsageError
+from resshift_cli.runtime import DEVICE_PATTERN
 from resshift_cli.scheduler import LOSSES
 from resshift_cli.training.degradations import DegradationConfig, check_shrink_range
 
@@ -239,6 +240,8 @@ class TrainLoopConfig:
     def __post_init__(self) -> None:
         _positive("steps", self.steps)
         _positive("batch_size", self.batch_size)
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         _one_of("precision", self.precision, TRAIN_PRECISIONS)
         _positive("log_every", self.log_every)
         _positive("checkpoint_every", self.checkpoint_every)
@@ -333,8 +336,8 @@ def _resolve_paths(raw: dict[str, Any], base: Path) -> None:
         if not isinstance(table, dict) or not isinstance(table.get(key[-1]), str):
             continue
         value = table[key[-1]]
-        if key in _WEIGHT_KEYS and not is_path_like(value):
-            continue
+        if not value or (key in _WEIGHT_KEYS and not is_path_like(value)):
+            continue  # "" stays "" and is refused as a value, not taken as the base folder
         table[key[-1]] = str((base / Path(value).expanduser()).resolve())
 
 

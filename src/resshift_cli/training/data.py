@@ -11,14 +11,15 @@ process of a multi-GPU run take its own slice of the same global batch.
 from __future__ import annotations
 
 import hashlib
+import warnings
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-from resshift_cli.imagefiles import IMAGE_SUFFIXES, find_images, load_image
+from resshift_cli.imagefiles import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, find_images, load_image
 from resshift_cli.training.config import TrainConfigError
 from resshift_cli.training.degradations import (
     DegradationConfig,
@@ -29,6 +30,7 @@ from resshift_cli.training.degradations import (
 )
 
 __all__ = [
+    "Batch",
     "DataError",
     "PairMaker",
     "SampleOrder",
@@ -57,30 +59,41 @@ def generator(seed: int, *parts: int | str) -> torch.Generator:
     return torch.Generator().manual_seed(derive_seed(seed, *parts))
 
 
-def list_images(folder: Path, min_side: int) -> tuple[list[Path], int]:
+def list_images(folder: Path, min_side: int) -> tuple[list[Path], list[tuple[Path, str]]]:
     """Image files under ``folder`` (recursive, sorted by relative path) with both sides >= ``min_side``.
 
-    Only headers are read. Returns the usable files and how many were left out (too small or not
-    readable); raises :class:`DataError` when none is usable.
+    Only headers are read. Returns the usable files and the files left out, each with the reason
+    (unreadable, too small, too large); raises :class:`DataError` when none is usable.
     """
     if not folder.is_dir():
         raise DataError(f"{folder}: not a folder of images")
     candidates, _ = find_images(folder, suffixes=IMAGE_SUFFIXES)
-    usable = []
+    usable: list[Path] = []
+    left_out: list[tuple[Path, str]] = []
     for path in candidates:
         try:
-            with Image.open(path) as im:
-                width, height = im.size
-        except (OSError, ValueError, Image.DecompressionBombError):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with Image.open(path) as im:
+                    width, height = im.size
+        except Image.DecompressionBombError:
+            left_out.append((path, "too large to decode safely"))
             continue
-        if min(width, height) >= min_side:
+        except Exception as exc:  # Pillow's plugins raise many types on malformed headers
+            left_out.append((path, f"not a readable image: {type(exc).__name__}"))
+            continue
+        if min(width, height) < min_side:
+            left_out.append((path, f"{width}x{height}, smaller than the {min_side}-pixel crop"))
+        elif width * height > DEFAULT_MAX_PIXELS:
+            left_out.append((path, f"{width}x{height}, above the {DEFAULT_MAX_PIXELS:,}-pixel limit"))
+        else:
             usable.append(path)
     if not usable:
         raise DataError(
             f"{folder}: no readable image of at least {min_side}x{min_side} pixels "
             f"({len(candidates)} image file(s) found)"
         )
-    return usable, len(candidates) - len(usable)
+    return usable, left_out
 
 
 def _load(path: Path) -> torch.Tensor:
@@ -114,7 +127,9 @@ class SampleOrder:
 class PairMaker:
     """Makes training pair ``k``: a random HQ crop and its LQ, both float32 (3, H, W) in [0, 1].
 
-    The image is first shrunk by a random factor from ``shrink`` ((1, 1): kept as it is).
+    The image is first shrunk by a random factor from ``shrink`` ((1, 1): kept as it is). An image
+    that cannot be decoded (truncated, corrupt) is replaced by the next readable one in the epoch's
+    order, so every sample still comes from (seed, k) alone; ``take_failures`` names such files.
     """
 
     paths: Sequence[Path]
@@ -126,6 +141,9 @@ class PairMaker:
     seed: int
     shrink: tuple[float, float] = (1.0, 1.0)
 
+    unreadable: dict[Path, str] = field(default_factory=dict, init=False, repr=False)
+    _new_failures: list[str] = field(default_factory=list, init=False, repr=False)
+
     def __post_init__(self) -> None:
         if self.crop % self.scale:
             raise DataError(f"the crop {self.crop} is not a multiple of the scale {self.scale}")
@@ -133,9 +151,29 @@ class PairMaker:
 
     def pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         gen = generator(self.seed, "sample", k)
-        image = random_shrink(_load(self.paths[self.order.image_index(k)]), self.shrink, self.crop, gen)
+        image = random_shrink(self._image(k), self.shrink, self.crop, gen)
         hq = random_crop_flip(image, self.crop, gen, rotate=self.rotate)
         return hq, degrade(hq, self.scale, self.degradation, self.realesrgan, gen)
+
+    def _image(self, k: int) -> torch.Tensor:
+        """The image of sample ``k``, or the first readable one after it in its epoch's order."""
+        epoch, position = self.order.position(k)
+        first = epoch * self.order.count
+        for offset in range(self.order.count):
+            path = self.paths[self.order.image_index(first + (position + offset) % self.order.count)]
+            if path in self.unreadable:
+                continue
+            try:
+                return _load(path)
+            except ImageError as exc:
+                self.unreadable[path] = str(exc)
+                self._new_failures.append(str(exc))
+        raise DataError(f"none of the {self.order.count} training images can be decoded")
+
+    def take_failures(self) -> list[str]:
+        """Messages for the files found unreadable since the last call (one line each)."""
+        failures, self._new_failures = self._new_failures, []
+        return failures
 
 
 def degrade(
@@ -147,8 +185,21 @@ def degrade(
     return realesrgan_degrade(hq, scale, config, gen)
 
 
+@dataclass
+class Batch:
+    """One process's slice of a step's batch: HQ and LQ (N, 3, H, W) in [0, 1], the messages
+    naming training files found unreadable while making it, and why there is no batch, if so."""
+
+    hq: torch.Tensor | None
+    lq: torch.Tensor | None
+    unreadable: list[str]
+    error: str | None = None
+
+
 class StepBatches(torch.utils.data.Dataset):
-    """Item ``i``: this process's slice of the global batch of step ``first_step + i``, as (hq, lq).
+    """Item ``i``: this process's slice of the global batch of step ``first_step + i``, as
+    :class:`Batch`. Batches are made in data workers, so what went wrong travels with them to the
+    process that reports it (an exception raised in a worker would reach the user as a traceback).
 
     The global batch of step s is samples ``(s - 1) * batch_size`` onwards; process ``rank`` of
     ``world_size`` takes the ``rank``-th of ``world_size`` equal consecutive slices.
@@ -169,12 +220,16 @@ class StepBatches(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return max(0, self.last_step - self.first_step + 1)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> Batch:
         if not 0 <= i < len(self):
             raise IndexError(i)
         start = (self.first_step + i - 1) * self.batch_size + self.rank * self.per_rank
-        pairs = [self.maker.pair(k) for k in range(start, start + self.per_rank)]
-        return torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        try:
+            pairs = [self.maker.pair(k) for k in range(start, start + self.per_rank)]
+        except DataError as exc:
+            return Batch(None, None, self.maker.take_failures(), str(exc))
+        hq, lq = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+        return Batch(hq, lq, self.maker.take_failures())
 
 
 @dataclass(frozen=True)
@@ -194,17 +249,26 @@ def validation_pairs(
     degradation: str,
     config: DegradationConfig,
     seed: int,
-) -> list[ValPair]:
-    """The first ``count`` images of ``folder`` centre-cropped to ``crop``, with LQs fixed by ``seed``."""
+) -> tuple[list[ValPair], list[tuple[Path, str]]]:
+    """The first ``count`` usable images of ``folder`` centre-cropped to ``crop``, with LQs fixed by
+    ``seed``; and the files left out, each with the reason (as :func:`list_images`)."""
     if crop % scale:
         raise DataError(f"the validation crop {crop} is not a multiple of the scale {scale}")
-    paths, _ = list_images(folder, crop)
-    pairs = []
-    for index, path in enumerate(paths[:count]):
-        image = _load(path)
+    paths, left_out = list_images(folder, crop)
+    pairs: list[ValPair] = []
+    for path in paths:
+        if len(pairs) == count:
+            break
+        try:
+            image = _load(path)
+        except ImageError as exc:
+            left_out.append((path, str(exc).removeprefix(f"cannot read {path}: ")))
+            continue
         top = (image.shape[1] - crop) // 2
         left = (image.shape[2] - crop) // 2
         hq = image[:, top : top + crop, left : left + crop].contiguous()
-        lq = degrade(hq, scale, degradation, config, generator(seed, "val", index))
+        lq = degrade(hq, scale, degradation, config, generator(seed, "val", len(pairs)))
         pairs.append(ValPair(path.relative_to(folder).as_posix(), hq, lq))
-    return pairs
+    if not pairs:
+        raise DataError(f"{folder}: none of the validation images can be decoded")
+    return pairs, left_out

@@ -19,7 +19,11 @@ Checkpoint ``<output_dir>/checkpoints/step-NNNNNNN/``:
 * ``model.safetensors``, ``ema.safetensors``: UNet state dicts (plain upstream keys);
 * ``optimizer.safetensors``: optimizer tensors keyed ``<parameter name>.<state name>``;
 * ``state.json``: step, data position, seed, config hash and the trajectory config, the optimizer's
-  parameter groups and non-tensor state, the gradient scaler's state, the last validation scores.
+  parameter groups and non-tensor state, the gradient scaler's state, the last validation scores,
+  and the losses of the logging interval in progress (so the resumed run logs the same means).
+
+A checkpoint is written every ``train.checkpoint_every`` steps, at the end, and when SIGINT,
+SIGTERM or SIGHUP asks the run to stop: the step in progress finishes and is saved.
 
 No pickle anywhere. At the end ``<output_dir>/<name>.safetensors`` holds the EMA weights (stored as
 ``train.weights_dtype``) and ``<output_dir>/registry.toml`` an entry for them (``resshift sr
@@ -34,14 +38,20 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import json
 import math
 import os
 import re
 import shutil
+import signal
+import tempfile
+import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import numpy as np
@@ -49,14 +59,23 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from resshift_cli.checkpoints import compact_state_dict, load_into, read_state_dict, save_safetensors
+from resshift_cli import interrupts
+from resshift_cli.checkpoints import (
+    CheckpointError,
+    compact_state_dict,
+    load_into,
+    read_state_dict,
+    save_safetensors,
+)
 from resshift_cli.distributed import World
+from resshift_cli.hub import WeightsError
 from resshift_cli.metrics import psnr, ssim
 from resshift_cli.models.autoencoder import VQAutoencoder
 from resshift_cli.models.unet import UNet
 from resshift_cli.pipelines.latent import LatentSpace
 from resshift_cli.pipelines.restorer import Restorer
-from resshift_cli.runtime import resolve_device
+from resshift_cli.registry import BUNDLED_SR_MODEL
+from resshift_cli.runtime import RuntimeSetupError, resolve_device
 from resshift_cli.scheduler import ResShiftScheduler
 from resshift_cli.training.config import (
     OptimConfig,
@@ -68,6 +87,7 @@ from resshift_cli.training.config import (
     trajectory_dict,
 )
 from resshift_cli.training.data import (
+    DataError,
     PairMaker,
     StepBatches,
     ValPair,
@@ -81,6 +101,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "PRECISION_DTYPES",
     "TrainResult",
+    "TrainingInterrupted",
     "latest_checkpoint",
     "load_optimizer_state",
     "lr_at",
@@ -104,13 +125,48 @@ class TrainResult:
     checkpoint: Path
     """The last checkpoint directory."""
     log: Path
-    """The JSONL log: ``{"step", "loss", "lr", "grad_norm"}`` and ``{"step", "val_psnr", "val_ssim"}``."""
+    """The JSONL log: ``{"step", "loss", "lr", "grad_norm", "time"}`` and ``{"step", "val_psnr",
+    "val_ssim", "val_images", "time"}`` (``time``: ISO 8601, UTC)."""
     registry: Path
     """A registry file with an entry for the trained model."""
     loss: float | None
     """Mean loss of the last logged interval (None if this call ran no step)."""
     validation: dict[str, float] | None
     """The last validation scores, if any (rank 0 of a distributed run; None on the others)."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A signal (Ctrl-C, SIGTERM, SIGHUP) stopped the run; ``exit_code`` is 128 + its number.
+
+    The first signal lets the step in progress finish and saves a checkpoint at it (``saved``);
+    one during setup, or a second one, stops at once, and the last checkpoint is the newest before.
+    """
+
+    def __init__(
+        self, signum: int, step: int | None = None, checkpoint: Path | None = None, saved: bool = False
+    ) -> None:
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+        self.saved = saved
+        super().__init__(self.message())
+
+    @property
+    def exit_code(self) -> int:
+        return interrupts.exit_code(self)
+
+    def message(self) -> str:
+        """The one line the CLI prints: what was saved, and how to go on."""
+        try:
+            name = signal.Signals(self.signum).name
+        except ValueError:
+            name = f"signal {self.signum}"
+        how = f"interrupted by {name}"
+        if self.saved:
+            return f"{how} at step {self.step}: saved {self.checkpoint}; continue with --resume"
+        if self.checkpoint is not None:
+            return f"{how}: nothing saved after {self.checkpoint}; continue from it with --resume"
+        return f"{how} before the first checkpoint: nothing saved"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -202,7 +258,12 @@ def load_optimizer_state(
 
 
 def _device(name: str, procs: World) -> torch.device:
-    device = resolve_device(name)
+    try:
+        device = resolve_device(name)
+    except RuntimeSetupError:
+        raise RuntimeSetupError(
+            f"train.device = {name!r} is not available here; use train.device=cpu (or auto)"
+        ) from None
     if device.type == "cuda" and procs.size > 1:
         device = torch.device("cuda", procs.local_rank)
         torch.cuda.set_device(device)
@@ -266,7 +327,10 @@ def _build_models(config: TrainConfig, quiet: bool) -> _Models:
     elif ae_name is not None:
         spec = registry.autoencoder(ae_name)
         ae_params = {"embed_dim": spec.embed_dim, "n_embed": spec.n_embed, "ddconfig": dict(spec.ddconfig)}
-        ae_path = hub.fetch(ae_name, registry, quiet=quiet)[ae_name]
+        try:
+            ae_path = hub.fetch(ae_name, registry, quiet=quiet)[ae_name]
+        except WeightsError as exc:
+            raise type(exc)(_train_hints(str(exc))) from None
 
     try:
         unet = UNet(**unet_params)
@@ -278,7 +342,11 @@ def _build_models(config: TrainConfig, quiet: bool) -> _Models:
         raise TrainConfigError(f"model.diffusion: {exc}") from None
     if model.init is not None:
         if init_spec is not None:
-            init_path = hub.resolve_model(init_spec, registry, autoencoder=ae_path, quiet=quiet).unet_path
+            try:
+                resolved = hub.resolve_model(init_spec, registry, autoencoder=ae_path, quiet=quiet)
+            except WeightsError as exc:
+                raise type(exc)(_train_hints(str(exc))) from None
+            init_path = resolved.unet_path
         else:
             init_path = Path(model.init)
         load_into(unet, read_state_dict(init_path), f"the UNet (model.init = {model.init!r})")
@@ -293,6 +361,21 @@ def _build_models(config: TrainConfig, quiet: bool) -> _Models:
         autoencoder.eval().requires_grad_(False)
     latent = LatentSpace.from_params(autoencoder, diffusion_params)
     return _Models(unet, diffusion, latent, unet_params, diffusion_params, ae_params, ae_path)
+
+
+_TRAIN_HINTS = {
+    f", or use the bundled model that needs no download: --model {BUNDLED_SR_MODEL}": "",
+    "pass --checkpoint PATH": "give a weights file (model.init=PATH)",
+    "pass --autoencoder PATH": "give an autoencoder file (model.autoencoder=PATH)",
+}
+"""The restore commands' options that weights messages suggest, and what ``train`` takes instead."""
+
+
+def _train_hints(message: str) -> str:
+    """A weights message that names ``train``'s keys instead of options ``train`` does not have."""
+    for theirs, ours in _TRAIN_HINTS.items():
+        message = message.replace(theirs, ours)
+    return message
 
 
 def _check_shapes(config: TrainConfig, models: _Models) -> None:
@@ -415,6 +498,14 @@ def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix.rstrip(".")]
 
 
+def _remove_unfinished_checkpoints(output_dir: Path) -> None:
+    """Remove the temporary folders of checkpoints whose writing a killed run left unfinished."""
+    root = output_dir / "checkpoints"
+    if root.is_dir():
+        for tmp in root.glob(".step-*.tmp"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _prune(output_dir: Path, keep: int) -> None:
     if keep:
         for old in _checkpoints(output_dir)[keep:]:
@@ -422,11 +513,12 @@ def _prune(output_dir: Path, keep: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Log and validation.
+# Log, progress and interrupts.
 
 
 class _Log:
-    """The JSONL log (rank 0 only); a resumed run drops the records after its checkpoint."""
+    """The JSONL log (rank 0 only), every record stamped with its UTC time; a resumed run drops the
+    records after its checkpoint."""
 
     def __init__(self, path: Path, enabled: bool, start_step: int) -> None:
         self.path = path
@@ -446,18 +538,29 @@ class _Log:
 
     def write(self, record: Mapping[str, Any]) -> None:
         if self.enabled:
+            now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="milliseconds")
             with self.path.open("a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
+                f.write(json.dumps({**record, "time": now.replace("+00:00", "Z")}) + "\n")
 
 
 class _Progress:
-    """A rich progress bar with loss and learning rate (nothing when quiet or not rank 0)."""
+    """Progress on stderr (nothing when quiet or not rank 0): a rich bar on a terminal; into a file
+    or pipe, a plain line at every logged step with the loss, the time per step, the time elapsed
+    and the time left."""
 
     def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.total = total
+        self.start = self.step = start
+        self.started = time.monotonic()  # again when entered: the rate counts the steps alone
+        self.console = None
         self.progress = None
         if not enabled:
             return
         from rich.console import Console
+
+        self.console = Console(stderr=True)
+        if not self.console.is_terminal:
+            return
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -467,7 +570,6 @@ class _Progress:
             TimeRemainingColumn,
         )
 
-        self.console = Console(stderr=True)
         self.progress = Progress(
             TextColumn("training"),
             BarColumn(),
@@ -480,6 +582,7 @@ class _Progress:
         self.task = self.progress.add_task("train", total=total, completed=start, status="")
 
     def __enter__(self) -> _Progress:
+        self.started = time.monotonic()
         if self.progress is not None:
             self.progress.start()
         return self
@@ -489,13 +592,96 @@ class _Progress:
             self.progress.stop()
 
     def notice(self, message: str) -> None:
-        if self.progress is not None:
-            self.progress.console.print(message, markup=False, highlight=False)
+        if self.console is not None:
+            self.console.print(message, markup=False, highlight=False, soft_wrap=True)
 
     def advance(self, status: str | None = None) -> None:
+        self.step += 1
         if self.progress is not None:
             fields = {"status": status} if status is not None else {}
             self.progress.update(self.task, advance=1, **fields)
+        elif status is not None:
+            self.notice(f"step {self.step}/{self.total}  {status}  {self.timing()}")
+
+    def timing(self) -> str:
+        """Seconds per step of this call so far, the time elapsed, and the time left at that rate."""
+        elapsed = time.monotonic() - self.started
+        per_step = elapsed / max(1, self.step - self.start)
+        left = per_step * (self.total - self.step)
+        return f"{per_step:.3g} s/step  elapsed {_clock(elapsed)}  left {_clock(left)}"
+
+
+def _clock(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}"
+
+
+_STOP_SIGNALS = (signal.SIGINT, *interrupts.HANDLED)
+
+
+class _Interrupts:
+    """SIGINT, SIGTERM and SIGHUP while a run is in progress.
+
+    While ``deferring`` (the training loop), the first signal is only recorded in ``requested``,
+    so that the step in progress finishes and the loop can save a checkpoint at it; otherwise (setup,
+    or a second signal) :class:`TrainingInterrupted` is raised at once. Handlers can only be set
+    from the main thread; elsewhere signals keep their usual effect.
+    """
+
+    def __init__(self) -> None:
+        self.requested: int | None = None
+        self.deferring = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _Interrupts:
+        if threading.current_thread() is threading.main_thread():
+            for signum in _STOP_SIGNALS:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum: int, _frame: FrameType | None) -> None:
+        if self.deferring and self.requested is None:
+            self.requested = signum
+            return
+        raise TrainingInterrupted(signum)
+
+
+def _worker_ignores_stop_signals(_worker_id: int) -> None:
+    """Data workers leave stopping to the main process, which still needs them to finish its step
+    (a terminal's Ctrl-C and a closed terminal signal every process of the job)."""
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def _left_out_notices(left_out: Sequence[tuple[Path, str]], what: str, limit: int = 10) -> list[str]:
+    """One line per file left out (the first ``limit``), then a count of the rest."""
+    lines = [f"{what} left out: {path} ({reason})" for path, reason in left_out[:limit]]
+    if len(left_out) > limit:
+        lines.append(f"... and {len(left_out) - limit} more {what}s left out")
+    return lines
+
+
+def _check_output_dir(out: Path) -> None:
+    """Refuse an output folder that cannot be created or written, before anything else is done.
+
+    Nothing is created here: the nearest existing folder is where the run's files (or its missing
+    folders) will be made, and a nameless temporary file proves that it takes writes.
+    """
+    existing = next(p for p in (out, *out.parents) if p.exists() or p == p.parent)
+    if not existing.is_dir():
+        raise TrainConfigError(f"output_dir {out}: {existing} is a file, not a folder")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as exc:
+        raise TrainConfigError(
+            f"output_dir {out}: cannot write in {existing} ({exc.strerror or exc})"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -508,21 +694,29 @@ def run_training(config: TrainConfig, *, resume: bool, quiet: bool) -> TrainResu
     Without ``resume`` the output directory must hold no checkpoint; with it, training continues
     from the latest one and repeats exactly what an uninterrupted run would have done. Started by
     ``torchrun`` it runs one process of a distributed run (see the module docstring). The caller's
-    global RNG state is left as it was.
+    global RNG state is left as it was. Called from the main thread, SIGINT, SIGTERM and SIGHUP
+    stop the run after the current step with a checkpoint at it and raise
+    :class:`TrainingInterrupted`.
     """
     procs = World.from_env()
-    device = _device(config.train.device, procs)
-    started_group = False
-    if procs.size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        started_group = True
-    fork_devices = [device.index or 0] if device.type == "cuda" else []
-    try:
-        with torch.random.fork_rng(devices=fork_devices):
-            return _Run(config, procs, device, resume=resume, quiet=quiet).train()
-    finally:
-        if started_group:
-            dist.destroy_process_group()
+    with _Interrupts() as interrupts:
+        device = _device(config.train.device, procs)
+        started_group = False
+        if procs.size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            started_group = True
+        fork_devices = [device.index or 0] if device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=fork_devices):
+                return _Run(config, procs, device, resume=resume, quiet=quiet).train(interrupts)
+        except TrainingInterrupted as exc:
+            if not exc.saved:
+                exc.checkpoint = latest_checkpoint(config.output_dir)
+                exc.args = (exc.message(),)
+            raise
+        finally:
+            if started_group:
+                dist.destroy_process_group()
 
 
 class _Run:
@@ -538,6 +732,8 @@ class _Run:
         self.out = config.output_dir
         self.dtype = _autocast_dtype(config.train.precision, device)
 
+        # Every path first: a wrong one is reported before weights are downloaded or built.
+        _check_output_dir(self.out)
         self.resumed_from = latest_checkpoint(self.out)
         if resume and self.resumed_from is None:
             raise TrainConfigError(f"{self.out}: no checkpoint to resume from")
@@ -545,6 +741,17 @@ class _Run:
             raise TrainConfigError(
                 f"{self.out}: already holds checkpoints; resume the run or choose another output_dir"
             )
+        data = config.data
+        paths, left_out = list_images(data.train, data.crop)
+        self.notices = _left_out_notices(left_out, "training image")
+        if data.val is not None and procs.is_main:
+            list_images(data.val, data.val_crop or data.crop)
+        for key, value in (
+            ("model.init", config.model.init),
+            ("model.autoencoder", config.model.autoencoder),
+        ):
+            if value is not None and is_path_like(value) and not Path(value).is_file():
+                raise CheckpointError(f"{key}: checkpoint not found: {value}")
 
         torch.manual_seed(derive_seed(config.seed, "init"))
         # Rank 0 first: it alone downloads missing weights, the others then find them cached.
@@ -572,22 +779,24 @@ class _Run:
 
         self.start = 0
         self.validation: dict[str, float] | None = None
+        # The losses of the logging interval that a checkpoint cut: summed over processes, and steps.
+        self.carried = (0.0, 0)
         if self.resumed_from is not None:
             state = _load_checkpoint(
                 self.resumed_from, config, self.unet, self.ema, self.optimizer, self.scaler
             )
             self.start = int(state["step"])
             self.validation = state.get("validation")
+            interval = state.get("log_interval") or {"loss_sum": 0.0, "steps": 0}
+            self.carried = (float(interval["loss_sum"]), int(interval["steps"]))
 
-        data = config.data
         sf = self.models.latent.sf
-        paths, self.skipped = list_images(data.train, data.crop)
         self.maker = PairMaker(
             paths, data.crop, sf, data.degradation, data.realesrgan, data.rotate, config.seed, data.shrink
         )
         self.val_pairs: list[ValPair] = []
         if data.val is not None and procs.is_main:
-            self.val_pairs = validation_pairs(
+            self.val_pairs, val_left_out = validation_pairs(
                 data.val,
                 data.val_images,
                 data.val_crop or data.crop,
@@ -596,6 +805,7 @@ class _Run:
                 data.realesrgan,
                 config.seed,
             )
+            self.notices += _left_out_notices(val_left_out, "validation image")
         self.net: nn.Module = self.unet
         if procs.size > 1:
             device_ids = [device.index] if device.type == "cuda" else None
@@ -610,36 +820,49 @@ class _Run:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def train(self) -> TrainResult:
+    def train(self, interrupts: _Interrupts) -> TrainResult:
         config, procs, out = self.config, self.procs, self.out
         total = config.train.steps
         if procs.is_main:
             out.mkdir(parents=True, exist_ok=True)
             (out / "config.toml").write_text(dump_toml(config.to_dict()), encoding="utf-8")
+            _remove_unfinished_checkpoints(out)
         log = _Log(out / "log.jsonl", procs.is_main, self.start)
         batches = StepBatches(
             self.maker, self.start + 1, total, config.train.batch_size, procs.rank, procs.size
         )
-        loader = torch.utils.data.DataLoader(batches, batch_size=None, num_workers=config.data.workers)
+        loader = torch.utils.data.DataLoader(
+            batches,
+            batch_size=None,
+            num_workers=config.data.workers,
+            worker_init_fn=_worker_ignores_stop_signals,
+        )
         step = self.start
         interval: list[torch.Tensor] = []
         last_loss: float | None = None
+        reported: set[str] = set()
         with _Progress(procs.is_main and not self.quiet, total, self.start) as progress:
-            if self.skipped:
-                progress.notice(
-                    f"{self.skipped} training image(s) left out (unreadable or smaller than the crop)"
-                )
+            for line in self.notices:
+                progress.notice(line)
             if self.start:
                 progress.notice(f"resuming from {self.resumed_from} (step {self.start})")
-            for step, (hq, lq) in zip(range(self.start + 1, total + 1), loader, strict=True):
+            interrupts.deferring = True
+            for step, batch in zip(range(self.start + 1, total + 1), loader, strict=True):
+                for message in batch.unreadable:
+                    if message not in reported:
+                        reported.add(message)
+                        progress.notice(f"training image left out: {message}")
+                if batch.error is not None or batch.hq is None or batch.lq is None:
+                    raise DataError(batch.error or "no batch")
                 torch.manual_seed(derive_seed(config.seed, "global", step, procs.rank))
                 lr = lr_at(step, config.optim, total)
-                loss, grad_norm = self._step(step, lr, hq, lq)
+                loss, grad_norm = self._step(step, lr, batch.hq, batch.lq)
                 interval.append(loss)
                 status = None
                 if step % config.train.log_every == 0 or step == total:
-                    last_loss = _mean_over_processes(interval, procs)
-                    interval = []
+                    loss_sum, steps = self._interval(interval)
+                    last_loss = loss_sum / (steps * procs.size)
+                    interval, self.carried = [], (0.0, 0)
                     log.write({"step": step, "loss": last_loss, "lr": lr, "grad_norm": grad_norm})
                     status = f"loss {last_loss:.4g}  lr {lr:.3g}"
                 every = config.train.val_every
@@ -650,9 +873,16 @@ class _Run:
                         f"step {step}: PSNR {self.validation['val_psnr']:.2f} dB, "
                         f"SSIM {self.validation['val_ssim']:.4f} (Y channel)"
                     )
-                if step % config.train.checkpoint_every == 0 or step == total:
-                    self._checkpoint(step)
+                saved = step % config.train.checkpoint_every == 0 or step == total
+                if saved:
+                    self._checkpoint(step, interval)
                 progress.advance(status)
+                signum = self._stop_requested(interrupts)
+                if signum is not None:
+                    if not saved:
+                        self._checkpoint(step, interval)
+                    raise TrainingInterrupted(signum, step, self._checkpoint_dir(step), saved=True)
+            interrupts.deferring = False
 
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
@@ -661,8 +891,33 @@ class _Run:
             save_safetensors(stored, weights)
             registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
         self._barrier(True)
-        final = out / "checkpoints" / f"step-{step:07d}"
-        return TrainResult(step, weights, final, log.path, registry, last_loss, self.validation)
+        return TrainResult(
+            step, weights, self._checkpoint_dir(step), log.path, registry, last_loss, self.validation
+        )
+
+    def _interval(self, losses: Sequence[torch.Tensor]) -> tuple[float, int]:
+        """The logging interval so far: its losses summed over steps and processes, and its steps."""
+        total = (
+            torch.stack(list(losses)).double().sum()
+            if losses
+            else torch.zeros((), dtype=torch.float64, device=self.device)
+        )
+        if self.procs.size > 1:
+            dist.all_reduce(total)
+        return self.carried[0] + float(total), self.carried[1] + len(losses)
+
+    def _stop_requested(self, interrupts: _Interrupts) -> int | None:
+        """The signal that asks to stop after this step, agreed by every process (they must all save
+        the same step)."""
+        signum = interrupts.requested or 0
+        if self.procs.size > 1:
+            flag = torch.tensor([signum], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            signum = int(flag.item())
+        return signum or None
+
+    def _checkpoint_dir(self, step: int) -> Path:
+        return self.out / "checkpoints" / f"step-{step:07d}"
 
     def _step(self, step: int, lr: float, hq: torch.Tensor, lq: torch.Tensor) -> tuple[torch.Tensor, float]:
         """One optimizer step on this process's slice; returns its (unreduced) loss and the gradient norm."""
@@ -728,8 +983,9 @@ class _Run:
             "val_ssim": float(np.mean([s[1] for s in scores])),
         }
 
-    def _checkpoint(self, step: int) -> None:
+    def _checkpoint(self, step: int, interval: Sequence[torch.Tensor]) -> None:
         config = self.config
+        loss_sum, steps = self._interval(interval)  # every process takes part
         if self.procs.is_main:
             samples = step * config.train.batch_size
             epoch, position = self.maker.order.position(samples)
@@ -746,8 +1002,9 @@ class _Run:
                 "world_size": self.procs.size,
                 "torch_version": torch.__version__,
                 "validation": self.validation,
+                "log_interval": {"loss_sum": loss_sum, "steps": steps},
             }
-            directory = self.out / "checkpoints" / f"step-{step:07d}"
+            directory = self._checkpoint_dir(step)
             _save_checkpoint(directory, self.unet, self.ema, self.optimizer, self.scaler, state)
             _prune(self.out, config.train.keep_checkpoints)
         self._barrier(True)
@@ -756,13 +1013,6 @@ class _Run:
 def _to_uint8(image: torch.Tensor) -> np.ndarray:
     """(3, H, W) in [0, 1] -> H x W x 3 uint8, as a saved image would be."""
     return torch.round(image.clamp(0, 1) * 255).to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-
-
-def _mean_over_processes(losses: Sequence[torch.Tensor], procs: World) -> float:
-    total = torch.stack(losses).double().sum()
-    if procs.size > 1:
-        dist.all_reduce(total)
-    return float(total) / (len(losses) * procs.size)
 
 
 def _registry_entry(config: TrainConfig, models: _Models, weights: Path, step: int) -> str:
