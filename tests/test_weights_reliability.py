@@ -42,10 +42,12 @@ from resshift_cli.registry import load_registry
 pytestmark = pytest.mark.shared  # needs ../shared
 
 RESSHIFT = Path(sys.executable).parent / "resshift"
-ORIGINALS = {
-    "unet": reference_path("parity", "sr-tiny", "unet.safetensors"),
-    "autoencoder": reference_path("parity", "sr-tiny", "autoencoder.safetensors"),
-}
+ORIGINAL_FILES = {"unet": "unet.safetensors", "autoencoder": "autoencoder.safetensors"}
+
+
+def original(role: str) -> Path:
+    """tiny-sr's own weights file for ``role`` ("unet" or "autoencoder")."""
+    return reference_path("parity", "sr-tiny", ORIGINAL_FILES[role])
 ENTRIES = {"unet": "models.tiny-sr", "autoencoder": "autoencoders.tiny-sr-vq"}
 
 
@@ -77,8 +79,8 @@ def sealed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
     """tiny-sr's two files as this project writes safetensors: the same tensors, sealed."""
     folder = tmp_path_factory.mktemp("sealed")
     out = {}
-    for role, original in ORIGINALS.items():
-        save_safetensors(read_state_dict(original), folder / f"{role}.safetensors")
+    for role in ORIGINAL_FILES:
+        save_safetensors(read_state_dict(original(role)), folder / f"{role}.safetensors")
         out[role] = (folder / f"{role}.safetensors").read_bytes()
     return out
 
@@ -105,7 +107,7 @@ def sr_with(folder: Path, tiny: Path, files: dict[str, bytes], pinned: bool) -> 
         path.write_bytes(data)
         lines.append(f"[{ENTRIES[role]}]\npath = {json.dumps(str(path))}")
         if pinned:
-            lines.append(f'sha256 = "{hashlib.sha256(ORIGINALS[role].read_bytes()).hexdigest()}"')
+            lines.append(f'sha256 = "{hashlib.sha256(original(role).read_bytes()).hexdigest()}"')
     override = folder / "override.toml"
     override.write_text("\n".join(lines) + "\n")
     image = write_image(folder / "in.png", 16, seed=0)
@@ -134,7 +136,7 @@ def test_intact_checkpoints_restore(
     tmp_path: Path, tiny: Path, sealed: dict[str, bytes], pinned: bool
 ) -> None:
     """The baseline of the property below: the same files unchanged restore the image."""
-    files = {role: path.read_bytes() for role, path in ORIGINALS.items()} if pinned else sealed
+    files = {role: original(role).read_bytes() for role in ORIGINAL_FILES} if pinned else sealed
     result = sr_with(tmp_path, tiny, files, pinned)
     assert result.exit_code == 0, result.stderr
     assert (tmp_path / "out.png").is_file()
@@ -149,7 +151,7 @@ def test_intact_checkpoints_restore(
 )
 @given(
     pinned=st.booleans(),
-    role=st.sampled_from(sorted(ORIGINALS)),
+    role=st.sampled_from(sorted(ORIGINAL_FILES)),
     region=st.sampled_from(["header", "anywhere", "end"]),
     start=st.integers(0, 2**32),
     masks=st.lists(st.integers(1, 255), min_size=1, max_size=64).map(bytes),
@@ -162,7 +164,7 @@ def test_any_corrupt_byte_range_stops_the_run_with_one_line_and_exit_3(
     output."""
     event("registry sha256" if pinned else "sealed")
     event(f"{role} {region}")
-    files = {r: p.read_bytes() for r, p in ORIGINALS.items()} if pinned else dict(sealed)
+    files = {r: original(r).read_bytes() for r in ORIGINAL_FILES} if pinned else dict(sealed)
     files[role] = corrupt(files[role], region, start, masks)
     with tempfile.TemporaryDirectory() as tmp:
         result = sr_with(Path(tmp), tiny, files, pinned)
