@@ -27,6 +27,7 @@ from resshift_cli.checkpoints import compact_state_dict, load_into, read_state_d
 from resshift_cli.models.unet import UNet
 from resshift_cli.pipelines.options import RunOptions
 from resshift_cli.registry import load_registry
+from resshift_cli.runtime import dtype_of
 from resshift_cli.training.config import (
     OptimConfig,
     TrainConfigError,
@@ -39,7 +40,6 @@ from resshift_cli.training.config import (
 from resshift_cli.training.data import PairMaker, StepBatches
 from resshift_cli.training.degradations import DegradationConfig, bicubic_degrade
 from resshift_cli.training.trainer import (
-    PRECISION_DTYPES,
     load_optimizer_state,
     lr_at,
     optimizer_state,
@@ -171,7 +171,7 @@ def test_lite_config_builds_a_pixel_model_under_20_mb(tmp_path: Path) -> None:
     assert unet.lq_size == unet.image_size  # conditioned on the upsampled LQ, at the output size
     assert config.data.crop % unet.size_multiple == 0
     weights = tmp_path / "lite.safetensors"
-    stored = compact_state_dict(unet.state_dict(), PRECISION_DTYPES[config.train.weights_dtype])
+    stored = compact_state_dict(unet.state_dict(), dtype_of(config.train.weights_dtype))
     save_safetensors(stored, weights)
     assert weights.stat().st_size < 20_000_000  # 20 MB, as stored by the run
     # It runs at the crop size, conditioned on the upsampled LQ.

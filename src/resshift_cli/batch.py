@@ -14,14 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from resshift_cli import interrupts
-from resshift_cli.errors import UsageError
+from resshift_cli.errors import EXIT_OK, EXIT_SOME_FAILED, UsageError
 from resshift_cli.imagefiles import IMAGE_SUFFIXES, INPUT_SUFFIXES, find_images, output_extension
-
-EXIT_OK = 0
-EXIT_SOME_FAILED = 1
-EXIT_USAGE = 2
-EXIT_MODEL = 3
-EXIT_INTERRUPTED = 130
 
 
 class PlanError(UsageError):

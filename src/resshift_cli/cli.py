@@ -14,7 +14,7 @@ from typing import Any
 import click
 
 from resshift_cli import __version__, interrupts
-from resshift_cli.errors import ResShiftError, UsageError
+from resshift_cli.errors import EXIT_SOME_FAILED, ResShiftError, UsageError
 from resshift_cli.pipelines.options import SEED, TILE_OVERLAP
 from resshift_cli.progress import printable
 from resshift_cli.runtime import DEVICE_PATTERN, PRECISIONS
@@ -362,7 +362,7 @@ def weights_verify(names: tuple[str, ...], registry: Path | None) -> None:
         click.echo(("ok    " if ok else "FAIL  ") + message)
         failed += not ok
     if failed:
-        sys.exit(1)
+        sys.exit(EXIT_SOME_FAILED)
 
 
 @weights.command("path", context_settings=CONTEXT)
@@ -377,7 +377,7 @@ def weights_path(name: str, registry: Path | None) -> None:
     path = cached_path(name, load_registry(registry))
     if path is None:
         click.echo(f"error: {name} is not on disk; run 'resshift weights fetch {name}'", err=True)
-        sys.exit(1)
+        sys.exit(EXIT_SOME_FAILED)
     click.echo(str(path))
 
 
@@ -517,4 +517,4 @@ def evaluate(
             click.echo(f"{'Y channel' if channel == 'y' else 'RGB'}:")
             click.echo(format_table(result))
     if not results["y"].rows or results["y"].errors:
-        sys.exit(1)
+        sys.exit(EXIT_SOME_FAILED)

@@ -60,6 +60,7 @@ import torch.distributed as dist
 from torch import nn
 
 from resshift_cli import interrupts
+from resshift_cli.atomic import write_atomically
 from resshift_cli.checkpoints import (
     CheckpointError,
     compact_state_dict,
@@ -75,7 +76,7 @@ from resshift_cli.models.unet import UNet
 from resshift_cli.pipelines.latent import LatentSpace
 from resshift_cli.pipelines.restorer import Restorer
 from resshift_cli.registry import BUNDLED_SR_MODEL
-from resshift_cli.runtime import RuntimeSetupError, resolve_device
+from resshift_cli.runtime import RuntimeSetupError, dtype_of, resolve_device
 from resshift_cli.scheduler import ResShiftScheduler
 from resshift_cli.training.config import (
     OptimConfig,
@@ -99,7 +100,6 @@ from resshift_cli.training.data import (
 
 __all__ = [
     "CHECKPOINT_FORMAT",
-    "PRECISION_DTYPES",
     "TrainResult",
     "TrainingInterrupted",
     "latest_checkpoint",
@@ -270,14 +270,6 @@ def _device(name: str, procs: World) -> torch.device:
     return device
 
 
-PRECISION_DTYPES: dict[str, torch.dtype] = {
-    "fp32": torch.float32,
-    "fp16": torch.float16,
-    "bf16": torch.bfloat16,
-}
-"""The dtype each ``train.precision`` / ``train.weights_dtype`` name means."""
-
-
 def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     if precision == "fp32":
         return None
@@ -285,7 +277,7 @@ def _autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
         raise TrainConfigError(f"train.precision = {precision!r} needs CUDA; use fp32 on {device.type}")
     if precision == "bf16" and not torch.cuda.is_bf16_supported():
         raise TrainConfigError("train.precision: bf16 is not supported by this GPU; use fp16 or fp32")
-    return PRECISION_DTYPES[precision]
+    return dtype_of(precision)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -825,7 +817,8 @@ class _Run:
         total = config.train.steps
         if procs.is_main:
             out.mkdir(parents=True, exist_ok=True)
-            (out / "config.toml").write_text(dump_toml(config.to_dict()), encoding="utf-8")
+            text = dump_toml(config.to_dict())
+            write_atomically(out / "config.toml", lambda temp: temp.write_text(text, encoding="utf-8"))
             _remove_unfinished_checkpoints(out)
         log = _Log(out / "log.jsonl", procs.is_main, self.start)
         batches = StepBatches(
@@ -887,9 +880,10 @@ class _Run:
         weights = out / f"{config.name}.safetensors"
         registry = out / "registry.toml"
         if procs.is_main:
-            stored = compact_state_dict(self.ema.state_dict(), PRECISION_DTYPES[config.train.weights_dtype])
+            stored = compact_state_dict(self.ema.state_dict(), dtype_of(config.train.weights_dtype))
             save_safetensors(stored, weights)
-            registry.write_text(_registry_entry(config, self.models, weights, step), encoding="utf-8")
+            entry = _registry_entry(config, self.models, weights, step)
+            write_atomically(registry, lambda temp: temp.write_text(entry, encoding="utf-8"))
         self._barrier(True)
         return TrainResult(
             step, weights, self._checkpoint_dir(step), log.path, registry, last_loss, self.validation
