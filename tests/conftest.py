@@ -41,7 +41,7 @@ def _one_thread() -> Iterator[None]:
 def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An empty Hugging Face cache, offline, and no user registry from the environment."""
     home = tmp_path / "hf-home"
-    for var in ("RESSHIFT_REGISTRY", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+    for var in ("RESSHIFT_REGISTRY", "RESSHIFT_HUB_REPO", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HOME", str(home))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")

@@ -21,14 +21,11 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner, Result
-from huggingface_hub import constants
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
@@ -48,24 +45,9 @@ ORIGINAL_FILES = {"unet": "unet.safetensors", "autoencoder": "autoencoder.safete
 def original(role: str) -> Path:
     """tiny-sr's own weights file for ``role`` ("unet" or "autoencoder")."""
     return reference_path("parity", "sr-tiny", ORIGINAL_FILES[role])
+
+
 ENTRIES = {"unet": "models.tiny-sr", "autoencoder": "autoencoders.tiny-sr-vq"}
-
-
-@pytest.fixture(autouse=True)
-def _isolated(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """An empty Hugging Face cache, offline, one torch thread, and no user registry."""
-    home = tmp_path / "hf-home"
-    for var in ("RESSHIFT_REGISTRY", "RESSHIFT_HUB_REPO", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("HF_HOME", str(home))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(constants, "HF_HOME", str(home))
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
