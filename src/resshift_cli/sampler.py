@@ -24,6 +24,12 @@ def noise_draws(scheduler: ResShiftScheduler, steps: int | None = None) -> int:
     return 1 if steps == 1 else scheduler.num_timesteps + 1
 
 
+def network_calls(scheduler: ResShiftScheduler, steps: int | None = None) -> int:
+    """How many times :func:`sample` calls the network: once for a one-step model, else once per
+    step of the schedule."""
+    return 1 if steps == 1 else scheduler.num_timesteps
+
+
 def sample(
     scheduler: ResShiftScheduler,
     denoiser: Denoiser,
@@ -46,7 +52,7 @@ def sample(
     if steps not in (None, 1, scheduler.num_timesteps):
         raise ValueError(f"steps must be 1 or the schedule's {scheduler.num_timesteps}, got {steps}")
     x = scheduler.prior_sample(y, next(noise))
-    total = 1 if steps == 1 else scheduler.num_timesteps
+    total = network_calls(scheduler, steps)
     for k, i in enumerate(range(scheduler.num_timesteps - 1, scheduler.num_timesteps - 1 - total, -1), 1):
         t = torch.full((y.shape[0],), i, dtype=torch.long, device=y.device)
         output = denoiser(scheduler.scale_input(x, t), scheduler.model_timesteps(t), **cond)

@@ -156,17 +156,23 @@ class Restorer:
         fitting = self.choose_tile(None, batch_size)
         return max(self.lq_multiple, min(fitting, cap * self.factor // self.scale))
 
-    def unet_tile(self, latent_h: int, latent_w: int, overlap: int, batch_size: int = 1) -> int | None:
+    def unet_tile(
+        self, latent_h: int, latent_w: int, overlap: int, batch_size: int = 1, shrink: int = 0
+    ) -> int | None:
         """The network's tile side in latent pixels for this latent, or None to run it whole.
 
         The budget is ``unet_memory`` (or :attr:`UNET_MEMORY`), and never more than the share of
-        the device's free memory a pass may take, divided among ``batch_size`` tiles. Of the tile
+        the device's free memory a pass may take, divided among ``batch_size`` tiles. Retry
+        ``shrink`` after running out of memory quarters the budget (from at most the whole
+        latent's estimate) ``shrink`` times, so the tiles halve at every attempt. Of the tile
         sides that fit it (multiples of the network's size multiple), the one whose plan covers the
         fewest pixels with ``overlap``, the largest of equals: tiles are rounded up to that
         multiple, so the largest side can cost far more.
         """
         per_pixel = self.unet_bytes_per_latent_pixel()
         cap = self.UNET_MEMORY if self.unet_memory is None else self.unet_memory
+        if shrink:
+            cap = min(cap, latent_h * latent_w * per_pixel) / 4**shrink
         budget = min(cap, self._budget()) / batch_size
         if latent_h * latent_w * per_pixel <= budget:
             return None
@@ -399,7 +405,7 @@ class Restorer:
         return torch.cat(outputs)
 
     def _steps_per_chain(self) -> int:
-        return 1 if self.sample_steps == 1 else self.scheduler.num_timesteps
+        return sampler.network_calls(self.scheduler, self.sample_steps)
 
     def _chain_per_tile(
         self,
@@ -462,16 +468,7 @@ class Restorer:
         latent_scale = self.scale // self.factor
         latent_tile = max(1, tile * latent_scale)
         latent_h, latent_w = lq.shape[-2] * latent_scale, lq.shape[-1] * latent_scale
-        saved = self.unet_memory
-        if shrink:
-            # A retry after running out of memory: the network's tiles halve at every attempt.
-            whole = latent_h * latent_w * self.unet_bytes_per_latent_pixel()
-            cap = self.UNET_MEMORY if saved is None else saved
-            self.unet_memory = min(cap, whole) / 4**shrink
-        try:
-            unet_tile = self.unet_tile(latent_h, latent_w, overlap * latent_scale, batch_size)
-        finally:
-            self.unet_memory = saved
+        unet_tile = self.unet_tile(latent_h, latent_w, overlap * latent_scale, batch_size, shrink)
         unet_overlap = 0 if unet_tile is None else min(overlap * latent_scale, unet_tile // 2)
         unet_calls = 1
         if unet_tile is not None:
