@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,19 +91,17 @@ def collect_inputs(
             images.append((path, None))
         else:
             raise PlanError(f"input not found: {path}")
-    first: dict[Path, Path] = {}
-    times: dict[Path, int] = {}
+    times = Counter(_key(source) for source, _ in images)
     unique: list[tuple[Path, Path | None]] = []
+    seen: set[Path] = set()
     for source, root in images:
-        key = resolved(source)
-        times[key] = times.get(key, 0) + 1
-        if key not in first:
-            first[key] = source
+        if _key(source) not in seen:
+            seen.add(_key(source))
             unique.append((source, root))
     notices = [
-        f"{first[key]} was given {count} times; it is restored once"
-        for key, count in times.items()
-        if count > 1
+        f"{source} was given {times[_key(source)]} times; it is restored once"
+        for source, _ in unique
+        if times[_key(source)] > 1
     ]
     return unique, ignored, notices
 
